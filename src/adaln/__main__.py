@@ -1,0 +1,5 @@
+import sys
+
+from adaln.cli import main
+
+sys.exit(main())

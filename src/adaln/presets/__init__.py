@@ -1,0 +1,1 @@
+"""Training presets (YAML files read by adaln.train.config)."""
