@@ -1,1 +1,52 @@
-"""adaln.nn."""
+"""adaln.nn: the AdaLN family, embeddings, attention, MLPs and the residual blocks built from them."""
+
+from adaln.nn.adaln import (
+    AdaLN,
+    AdaLNContinuous,
+    AdaLNSingle,
+    AdaLNSingleTable,
+    AdaLNZero,
+    AdaptiveZeroInit,
+    AF3AdaptiveLayerNorm,
+    adaln_continuous_from_diffusers,
+    adaln_continuous_to_diffusers,
+)
+from adaln.nn.attention import Attention, CrossAttention
+from adaln.nn.blocks import AdaLNZeroResidualBlock, DiTBlock, FinalLayer
+from adaln.nn.embeddings import (
+    FourierEmbedding,
+    LabelEmbedder,
+    LabelEmbedding,
+    PatchEmbed,
+    TimestepEmbedder,
+    get_2d_sincos_pos_embed,
+    timestep_embedding,
+)
+from adaln.nn.mlp import DropPath, Mlp, SwiGLU
+
+__all__ = [
+    "AF3AdaptiveLayerNorm",
+    "AdaLN",
+    "AdaLNContinuous",
+    "AdaLNSingle",
+    "AdaLNSingleTable",
+    "AdaLNZero",
+    "AdaLNZeroResidualBlock",
+    "AdaptiveZeroInit",
+    "Attention",
+    "CrossAttention",
+    "DiTBlock",
+    "DropPath",
+    "FinalLayer",
+    "FourierEmbedding",
+    "LabelEmbedder",
+    "LabelEmbedding",
+    "Mlp",
+    "PatchEmbed",
+    "SwiGLU",
+    "TimestepEmbedder",
+    "adaln_continuous_from_diffusers",
+    "adaln_continuous_to_diffusers",
+    "get_2d_sincos_pos_embed",
+    "timestep_embedding",
+]
