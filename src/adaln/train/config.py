@@ -59,6 +59,7 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)): short runs aren't dominated by the init
     sigma_data: float = 0.5  # images scaled to [-1, 1]
     p_mean: float = -1.2  # EDM log-normal training sigmas
     p_std: float = 1.2

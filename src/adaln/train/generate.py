@@ -54,7 +54,7 @@ def load_run(path: str | Path, *, device: str = "auto", use_ema: bool = True) ->
     extra = state.get("extra") or {}
     num_classes, in_channels = int(extra["num_classes"]), int(extra["in_channels"])
     model = build_model(cfg, in_channels, num_classes)
-    ema = EMA(model, decay=cfg.ema_decay) if use_ema else None
+    ema = EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup) if use_ema else None
     load_checkpoint(ckpt, model=model, ema=ema)
     if ema is not None:
         ema.copy_to(model)

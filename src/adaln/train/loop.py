@@ -159,7 +159,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     model = build_model(cfg, data.images.shape[1], data.num_classes).to(device)
     denoiser = dit_edm_denoiser(model, sigma_data=cfg.sigma_data)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = EMA(model, decay=cfg.ema_decay)
+    ema = EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
 
     start = 0
     found = load_latest_checkpoint(run_dir, model=model, optimizer=optimizer, ema=ema) if resume else None
@@ -179,7 +179,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
         idx = batch_indices(len(images), step, cfg.batch_size, cfg.seed).to(device)
         x0, y = images[idx], labels[idx]
         seed = step_seed(cfg.seed, 0, step)
-        torch.manual_seed(seed)  # label dropout inside the model draws from the global RNG
+        # Label dropout inside the model draws from the global RNG: seed it from another stream than
+        # ``gen`` so the dropped labels are independent of the sigmas drawn below.
+        torch.manual_seed(seed ^ 0x5DEECE66D)
         gen = torch.Generator(device=device).manual_seed(seed)
         sigma = sample_training_sigmas(
             len(x0), "edm", p_mean=cfg.p_mean, p_std=cfg.p_std, generator=gen, device=device
