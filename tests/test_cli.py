@@ -112,7 +112,7 @@ def test_user_errors_are_one_line(tiny_config, tmp_path, capsys):
     expect_error(capsys, "sample", run, "--classes", "3,10", "-o", tmp_path / "a.png", match="out of range")
     expect_error(capsys, "sample", run, "--cfg", "-1", "-o", tmp_path / "b.png", match="--cfg")
     bigger = tmp_path / "bigger.yaml"
-    bigger.write_text(TINY.replace("hidden_size: 32", "hidden_size: 64") + "steps: 9\n")
+    bigger.write_text(TINY.replace("hidden_size: 32", "hidden_size: 64").replace("steps: 6", "steps: 9"))
     expect_error(capsys, "train", "--config", bigger, "--out", run, "--resume", "--quiet", match="shape")
     expect_error(capsys, "train", "--config", tiny_config, "--out", run, "--quiet", match="--resume")
     expect_error(capsys, "sample", tmp_path / "nowhere", match="not found")

@@ -22,9 +22,12 @@ from adaln.nn.embeddings import (
     get_2d_sincos_pos_embed,
     timestep_embedding,
 )
+from adaln.nn.hyena import Hyena, fft_long_conv
 from adaln.nn.mlp import DropPath, Mlp, SwiGLU
 
 __all__ = [
+    "Hyena",
+    "fft_long_conv",
     "AF3AdaptiveLayerNorm",
     "AdaLN",
     "AdaLNContinuous",

@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -40,7 +41,7 @@ class ModelConfig:
 
 @dataclass
 class SampleConfig:
-    cfg: float = 2.0  # default classifier-free guidance scale
+    cfg: float = 1.5  # default classifier-free guidance scale
     steps: int = 32
     sampler: str = "heun"
     per_class: int = 100  # eval: samples per class
@@ -99,7 +100,7 @@ def load_config(source: str | None = None, overrides: dict[str, Any] | None = No
             if value is not None:
                 OmegaConf.update(merged, key, value, merge=False)
         return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise ConfigError(f"invalid config {source!r}: {str(e).splitlines()[0]}") from None
 
 
