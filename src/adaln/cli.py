@@ -81,7 +81,7 @@ def evaluate_run(run_dir: str | Path, *, cfg_scale: float | None, per_class: int
         steps=steps or s.steps, sampler=s.sampler, seed=seed,
     )
     sample_s = time.perf_counter() - t0
-    scorer = DigitsScorer().fit()
+    scorer = DigitsScorer.load_or_fit(run.checkpoint.parent.parent / "digits_classifier")
     result = {
         "cfg": w,
         "generated": scorer.evaluate_samples(images.cpu(), labels.cpu()),
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, ValueError, OSError) as e:
         if os.environ.get("ADALN_DEBUG") == "1":
             raise
         print(f"adaln: error: {e}", file=sys.stderr)

@@ -1,1 +1,5 @@
-"""adaln.eval."""
+"""adaln.eval: quality metrics (digits conditional accuracy and Frechet distance)."""
+
+from adaln.eval.digits import DigitsClassifier, DigitsScorer, DigitsScorerConfig, frechet_distance, gaussian_fit
+
+__all__ = ["DigitsClassifier", "DigitsScorer", "DigitsScorerConfig", "frechet_distance", "gaussian_fit"]

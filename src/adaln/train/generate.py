@@ -55,7 +55,7 @@ def load_run(path: str | Path, *, device: str = "auto", use_ema: bool = True) ->
     num_classes, in_channels = int(extra["num_classes"]), int(extra["in_channels"])
     model = build_model(cfg, in_channels, num_classes)
     ema = EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup) if use_ema else None
-    load_checkpoint(ckpt, model=model, ema=ema)
+    load_checkpoint(ckpt, model=model, ema=ema, rng=False)
     if ema is not None:
         ema.copy_to(model)
     model.to(resolve_device(device)).eval()
