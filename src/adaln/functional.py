@@ -11,7 +11,6 @@ outputs of the samples (or tokens) it belongs to and to no others.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from adaln import kernels
@@ -62,19 +61,23 @@ def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
 
 
 def use_triton(backend: str, x: Tensor) -> bool:
-    """Resolve ``backend`` for input ``x``: True selects the fused Triton kernel."""
+    """Resolve ``backend`` for input ``x``: True selects the fused Triton kernel.
+
+    ``"triton"`` also runs CPU tensors when ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests);
+    ``"auto"`` uses kernels on CUDA only.
+    """
     _check_choice(backend, "backend", BACKENDS)
     if backend == "torch":
         return False
-    supported = kernels.triton_supported(x)
     if backend == "triton":
-        if not supported:
+        if not kernels.triton_runnable(x):
             raise RuntimeError(
-                "backend='triton' needs a CUDA tensor, an installed triton and a supported shape/dtype; "
+                "backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU), an installed triton, "
+                f"dtype in {kernels.SUPPORTED_DTYPES} and C <= {kernels.MAX_CHANNELS}; "
                 f"got device={x.device}, dtype={x.dtype}, shape={tuple(x.shape)}"
             )
         return True
-    return supported and not kernels.reference_forced()
+    return kernels.triton_supported(x) and not kernels.reference_forced()
 
 
 def modulate(x: Tensor, shift: Tensor | None, scale: Tensor, *, backend: str = "auto") -> Tensor:
@@ -132,6 +135,41 @@ def gate_residual(
     if use_triton(backend, x):
         return kernels.gate_residual(x, y, gate, kind)
     return reference.gate_residual(x, y, gate, kind)
+
+
+def gate_residual_norm_modulate(
+    x: Tensor,
+    y: Tensor,
+    gate: Tensor,
+    shift: Tensor | None,
+    scale: Tensor,
+    *,
+    norm: str = "layer",
+    eps: float = 1e-6,
+    kind: str = "linear",
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """``h = x + act(gate) * y`` then ``out = norm(h) * (1 + scale) + shift``; returns ``(h, out)``.
+
+    The boundary between two DiT sub-blocks (residual of one branch, modulated input of the next) in
+    one pass. h is stored in x's dtype and out normalises that stored h, as the two separate ops would.
+    x, y: (B, *spatial, C); gate, shift, scale: (B, C) or (B, *spatial, C); weight, bias: optional (C,).
+    """
+    _check_x(x)
+    check_tensor(y, "y")
+    if y.shape != x.shape:
+        raise ValueError(f"y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    _check_choice(kind, "kind", GATES)
+    _check_choice(norm, "norm", NORMS)
+    gate = broadcast_condition(x, gate, "gate")
+    scale = broadcast_condition(x, scale, "scale")
+    shift = broadcast_condition(x, shift, "shift")
+    _check_affine(x, weight, bias, norm)
+    if use_triton(backend, x):
+        return kernels.gate_residual_norm_modulate(x, y, gate, shift, scale, norm, eps, kind, weight, bias)
+    return reference.gate_residual_norm_modulate(x, y, gate, shift, scale, norm, eps, kind, weight, bias)
 
 
 def af3_adaptive_layernorm(

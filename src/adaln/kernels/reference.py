@@ -73,3 +73,20 @@ def af3_adaptive_layernorm(x: Tensor, scale_logits: Tensor, bias: Tensor, eps: f
     """AF3 Algorithm 26's elementwise part: ``sigmoid(scale_logits) * LN(x) + bias``."""
     y = normalize(x, "layer", eps)
     return (torch.sigmoid(scale_logits.to(y.dtype)) * y + bias.to(y.dtype)).to(x.dtype)
+
+
+def gate_residual_norm_modulate(
+    x: Tensor,
+    y: Tensor,
+    gate: Tensor,
+    shift: Tensor | None,
+    scale: Tensor,
+    norm: str,
+    eps: float,
+    kind: str,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``h = x + act(gate) * y`` (stored in x's dtype), then ``norm(h) * (1 + scale) + shift``; (h, out)."""
+    h = gate_residual(x, y, gate, kind)
+    return h, norm_modulate(h, shift, scale, norm, eps, weight, bias)
