@@ -208,18 +208,9 @@ class AdaLNZero(nn.Module):
             return [tuple(chunks[3 * i : 3 * i + 3]) for i in range(self.branches)]
         return [(None, chunks[2 * i], chunks[2 * i + 1]) for i in range(self.branches)]
 
-    def apply(
-        self, x: Tensor, shift: Tensor | None = None, scale: Tensor | None = None
-    ) -> Tensor | nn.Module:
-        """``norm(x) * (1 + scale) + shift`` with this module's norm and eps. x: (B, *spatial, dim).
-
-        ``apply(fn)`` with one callable is ``nn.Module.apply`` (parents call it recursively for init).
-        """
-        if not isinstance(x, Tensor) and callable(x):
-            return super().apply(x)
+    def modulate(self, x: Tensor, shift: Tensor | None, scale: Tensor) -> Tensor:
+        """``norm(x) * (1 + scale) + shift`` with this module's norm and eps. x: (B, *spatial, dim)."""
         _check_x(x, self.dim)
-        if scale is None:
-            raise ValueError(f"scale is required: expected (B, {self.dim}) or x's shape {tuple(x.shape)}")
         return norm_modulate(x, shift, scale, norm=self.norm, eps=self.eps)
 
     def residual(self, x: Tensor, y: Tensor, gate: Tensor) -> Tensor:

@@ -250,8 +250,8 @@ class DiTBlock(nn.Module):
         _check_x_c(x, c, self.hidden_size)
         ada = self.adaLN_modulation
         (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = ada(c)
-        x = ada.residual(x, self.attn(ada.apply(x, shift_msa, scale_msa)), gate_msa)
-        return ada.residual(x, self.mlp(ada.apply(x, shift_mlp, scale_mlp)), gate_mlp)
+        x = ada.residual(x, self.attn(ada.modulate(x, shift_msa, scale_msa)), gate_msa)
+        return ada.residual(x, self.mlp(ada.modulate(x, shift_mlp, scale_mlp)), gate_mlp)
 
 
 class FinalLayer(nn.Module):

@@ -146,7 +146,8 @@ class LabelEmbedding(nn.Module):
         if labels.dim() != 1:
             raise ValueError(f"labels must have shape (B,), got {tuple(labels.shape)}")
         high = self.embedding_table.num_embeddings - 1
-        if labels.numel() and (labels.min() < 0 or labels.max() > high):
+        # Data-dependent check: a host sync, skipped while tracing for torch.compile (no graph break).
+        if not torch.compiler.is_compiling() and labels.numel() and (labels.min() < 0 or labels.max() > high):
             raise ValueError(
                 f"labels must lie in [0, {high}] (num_classes={self.num_classes}"
                 f"{', null class included' if high == self.num_classes else ''}), "
