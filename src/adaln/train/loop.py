@@ -156,6 +156,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
     data = load_dataset(cfg, "train")
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the run's seed only
     model = build_model(cfg, data.images.shape[1], data.num_classes).to(device)
     denoiser = dit_edm_denoiser(model, sigma_data=cfg.sigma_data)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
