@@ -572,8 +572,11 @@ class EDMTimestep:
         return f"EDMTimestep(timestep_scale={self.timestep_scale})"
 
 
-def dit_edm_denoiser(model: DiT, sigma_data: float = 0.5, *, timestep_scale: float = 1000.0) -> EDMPrecond:
+def dit_edm_denoiser(model: nn.Module, sigma_data: float = 0.5, *, timestep_scale: float = 1000.0) -> EDMPrecond:
     """EDM denoiser ``D(x, sigma, y=...)`` around a DiT with ``learn_sigma=False`` (images: sigma_data 0.5).
+
+    Any model with DiT's ``forward(x, t, y)`` and a ``learn_sigma`` attribute works (e.g.
+    ``adaln.models.residual_denoiser.ResidualDenoiser``).
 
     D = c_skip x + c_out DiT(c_in x, timestep_scale * c_noise, y) with EDM's scalings and
     c_noise = ln(sigma)/4 (``adaln.diffusion.EDMPrecond``); see ``EDMTimestep`` for the scale.
