@@ -36,9 +36,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         "seed": args.seed, "data.root": args.data_root,
     }
     cfg = load_config(args.config, overrides)
-    result = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
-    print(f"trained {cfg.name} to step {result.step} in {result.seconds:.1f} s; final loss "
-          f"{result.final_loss:.4f}; run directory {result.run_dir}")
+    result = train(cfg, args.out, resume=args.resume, progress=not args.quiet, distributed=args.distributed)
+    if result.rank == 0:
+        print(f"trained {cfg.name} to step {result.step} in {result.seconds:.1f} s; final loss "
+              f"{result.final_loss:.4f}; run directory {result.run_dir}")
     return 0
 
 
@@ -143,12 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default="digits", help=f"preset ({', '.join(preset_names())}) or FILE.yaml")
     t.add_argument("--out", default=DEFAULT_RUN, help="run directory (default %(default)s)")
     t.add_argument("--steps", type=int)
-    t.add_argument("--batch-size", type=int)
+    t.add_argument("--batch-size", type=int, help="global batch, split evenly over the processes")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"])
     t.add_argument("--seed", type=int)
     t.add_argument("--data-root", help="image folder (one sub-folder per class) for data.name=image_folder")
     t.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--distributed", choices=["none", "ddp", "fsdp"], default="none",
+                   help="one process of a torchrun launch: DistributedDataParallel or FSDP2 (default %(default)s)")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="sample a PNG grid (one row per class) and a .npy array")

@@ -66,9 +66,9 @@ def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
     *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    ema: EMA | None = None,
+    model: nn.Module | Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer | Mapping[str, Any] | None = None,
+    ema: EMA | Mapping[str, Any] | None = None,
     config: Any = None,
     extra: Any = None,
     generators: Mapping[str, torch.Generator] | None = None,
@@ -77,15 +77,17 @@ def save_checkpoint(
     """Atomically write ``run_dir/checkpoints/step_{step:08d}`` and keep the newest ``keep_last``.
 
     ``config`` (dict, dataclass or OmegaConf) and ``extra`` (e.g. metrics) must be JSON-serialisable.
+    ``model``, ``optimizer`` and ``ema`` may also be given as what their ``state_dict()`` returns (e.g. the
+    full state gathered from a sharded model, ``adaln.train.distributed.checkpoint_state``).
     Saving a step that already exists replaces it. Returns the checkpoint directory.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last must be a positive int or None (keep all), got {keep_last!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_targets(model, optimizer, ema)
+    if not isinstance(model, (nn.Module, Mapping)):
+        raise TypeError(f"model must be a torch.nn.Module or its state_dict, got {type(model).__name__}")
+    _check_targets(*(None if isinstance(x, Mapping) else x for x in (model, optimizer, ema)))
     generators = _check_generators(generators)
     state = {
         "format_version": FORMAT_VERSION,
@@ -104,15 +106,17 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         files: dict[str, dict[str, Any]] = {}
-        model_tensors = {k: _cpu_copy(v) for k, v in canonical_state_dict(model).items()}
+        model_state = canonical_state_dict(model) if isinstance(model, nn.Module) else model
+        model_tensors = {k: _cpu_copy(v) for k, v in model_state.items()}
         files[MODEL_FILE] = _write_tensors(tmp / MODEL_FILE, model_tensors, {"format": "pt"})
         if ema is not None:
-            ema_state = ema.state_dict()
+            ema_state = dict(ema.state_dict() if isinstance(ema, EMA) else ema)
             shadow = {k: _cpu_copy(v) for k, v in ema_state.pop("shadow").items()}
             files[EMA_FILE] = _write_tensors(tmp / EMA_FILE, shadow, {"ema_state": json.dumps(ema_state)})
         if optimizer is not None:
             opt_tensors: dict[str, Tensor] = {}
-            tree = _encode(optimizer.state_dict(), "", opt_tensors)
+            opt_state = optimizer if isinstance(optimizer, Mapping) else optimizer.state_dict()
+            tree = _encode(opt_state, "", opt_tensors)
             files[OPTIMIZER_FILE] = _write_tensors(tmp / OPTIMIZER_FILE, opt_tensors)
             files[OPTIMIZER_JSON] = _write_json(tmp / OPTIMIZER_JSON, tree)
         rng_tensors, rng_meta = _capture_rng(generators)

@@ -86,13 +86,13 @@ class EMA:
         if floats:
             # lerp(s, w, 1 - d) = s + (1 - d)(w - s) = d s + (1 - d) w, fused over the tensor list.
             torch._foreach_lerp_(
-                [self.shadow[n] for n in floats],
-                [state[n].detach().to(self.shadow[n].device, self.shadow[n].dtype) for n in floats],
+                [_local(self.shadow[n]) for n in floats],
+                [_local(state[n]).detach().to(self.shadow[n].device, self.shadow[n].dtype) for n in floats],
                 weight,
             )
         for name, s in self.shadow.items():
             if not s.is_floating_point():
-                s.copy_(state[name])
+                _local(s).copy_(_local(state[name]))
         self.num_updates += 1
 
     @torch.no_grad()
@@ -158,6 +158,12 @@ def check_state_dict_match(expected: dict[str, Tensor], given: dict[str, Tensor]
 def _first(items: list[str], n: int = 10) -> str:
     shown = ", ".join(items[:n])
     return f"[{shown}{', ...' if len(items) > n else ''}] ({len(items)})"
+
+
+def _local(t: Tensor) -> Tensor:
+    # FSDP2 shards parameters as DTensors (the tensors with ``to_local``); the shadow is sharded alike, so
+    # each rank averages its own shard.
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _shadow_copy(t: Tensor) -> Tensor:

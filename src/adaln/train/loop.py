@@ -1,9 +1,12 @@
 """The training loop of ``adaln train``: EDM denoising loss on a class-conditional DiT.
 
 Randomness is stateless per step: the data order of epoch ``e`` is a permutation seeded by
-``(seed, e)`` and each step's sigmas, noise and label dropout come from generators seeded by
+``(seed, e)``; each sample's training sigma and noise come from its own generator seeded by
+``(seed, step, sample index in the data set)``, and the label dropout from a generator seeded by
 ``(seed, rank, step)``. A resumed run therefore draws exactly the numbers an uninterrupted run draws,
-whatever happened before, and the order is defined for any number of processes.
+whatever happened before. With several processes (``adaln.train.distributed``) the ranks' batches at a
+step together are the single-process batch, with the same sigmas and noise; only the dropped labels
+differ.
 """
 
 from __future__ import annotations
@@ -12,18 +15,31 @@ import csv
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from adaln.data import load_digits, load_image_folder
-from adaln.diffusion import denoising_loss, sample_training_sigmas
-from adaln.models.dit import DiT, dit_edm_denoiser
+from adaln.diffusion import EDMPrecond, denoising_loss, sample_training_sigmas
+from adaln.models.dit import DiT, EDMTimestep
 from adaln.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from adaln.train.config import ConfigError, TrainConfig
+from adaln.train.distributed import (
+    Topology,
+    agree_over_ranks,
+    barrier,
+    checkpoint_state,
+    distribute_training,
+    full_tensor,
+    launch,
+    mean_over_ranks,
+    per_rank_batch,
+)
 from adaln.train.ema import EMA
 
 
@@ -80,9 +96,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """A 63-bit seed for one (rank, step): distinct streams, reproducible in any order."""
-    return (seed * 1_000_003 + rank * 7_919 + step * 104_729 + 1) % (2**63 - 1)
+SAMPLE_STREAM, LABEL_STREAM = 1, 2  # keys that keep the per-sample and label-dropout seeds apart
+
+
+def stream_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (splitmix64 finaliser per key): distinct streams in any order."""
+    mask, h = (1 << 64) - 1, 0
+    for key in keys:
+        h = ((h ^ (key & mask)) + 0x9E3779B97F4A7C15) & mask
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & mask
+        h ^= h >> 31
+    return h >> 1
+
+
+def training_generators(seed: int, step: int, indices: Tensor, device: torch.device) -> list[torch.Generator]:
+    """One generator per sample of a batch, seeded by ``(seed, step, data set index)``: a sample draws the
+    same sigma and noise whichever rank or batch position it lands in."""
+    return [
+        torch.Generator(device=device).manual_seed(stream_seed(seed, SAMPLE_STREAM, step, i))
+        for i in indices.tolist()
+    ]
 
 
 def batch_indices(n: int, step: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> Tensor:
@@ -149,71 +183,101 @@ class TrainResult:
     step: int
     final_loss: float
     seconds: float
+    rank: int = 0  # only rank 0 reports
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train ``cfg`` into ``run_dir`` (checkpoints, metrics.jsonl/csv, loss.png, config.json)."""
-    run_dir = Path(run_dir)
-    device = resolve_device(cfg.device)
+def train(
+    cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True, distributed: str = "none"
+) -> TrainResult:
+    """Train ``cfg`` into ``run_dir`` (checkpoints, metrics.jsonl/csv, loss.png, config.json).
+
+    ``distributed`` "ddp" or "fsdp" runs as one of the processes torchrun started (see
+    ``adaln.train.distributed``); ``cfg.batch_size`` is then the global batch.
+    """
+    with launch(distributed, resolve_device(cfg.device), cfg.batch_size) as topo:
+        return _train(cfg, Path(run_dir), topo, resume=resume, progress=progress)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, topo: Topology, *, resume: bool, progress: bool) -> TrainResult:
+    device, main = topo.device, topo.is_main
+    batch = per_rank_batch(cfg.batch_size, topo.world)
     data = load_dataset(cfg, "train")
     torch.manual_seed(cfg.seed)  # the initial weights depend on the run's seed only
     model = build_model(cfg, data.images.shape[1], data.num_classes).to(device)
-    denoiser = dit_edm_denoiser(model, sigma_data=cfg.sigma_data)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
 
+    def make_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    optimizer = make_optimizer(model.parameters())
     start = 0
     found = load_latest_checkpoint(run_dir, model=model, optimizer=optimizer, ema=ema) if resume else None
     if found is not None:
         start = int(found[1]["step"])
     elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    low, high = agree_over_ranks(start, topo)
+    if low != high:
+        raise ConfigError(f"the processes resumed from different steps ({low} and {high}): "
+                          "--out must be a directory that every node sees")
+    net, optimizer = distribute_training(model, optimizer, ema, topo, make_optimizer)
+    denoiser = EDMPrecond(net, cfg.sigma_data, noise_input=EDMTimestep())  # dit_edm_denoiser around the wrapper
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if topo.mode != "none":
+            print(f"{topo.mode}: {topo.world} processes, global batch {cfg.batch_size} = {batch} per process "
+                  f"x {topo.world}", flush=True)
 
     images, labels = data.images.to(device), data.labels.to(device)
-    log = MetricsLog(run_dir, append=start > 0)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train")
+    log = MetricsLog(run_dir, append=start > 0) if main else None
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (progress and main), desc="train")
     t0, last_t, loss_value = time.perf_counter(), time.perf_counter(), float("nan")
-    model.train()
+    net.train()
     for step in bar:
-        idx = batch_indices(len(images), step, cfg.batch_size, cfg.seed).to(device)
+        idx = batch_indices(len(images), step, batch, cfg.seed, topo.rank, topo.world)
+        gens = training_generators(cfg.seed, step, idx, device)
+        idx = idx.to(device)
         x0, y = images[idx], labels[idx]
-        seed = step_seed(cfg.seed, 0, step)
-        # Label dropout inside the model draws from the global RNG: seed it from another stream than
-        # ``gen`` so the dropped labels are independent of the sigmas drawn below.
-        torch.manual_seed(seed ^ 0x5DEECE66D)
-        gen = torch.Generator(device=device).manual_seed(seed)
+        # Label dropout inside the DiT draws from its own stream, independent of the sigmas and noise.
+        label_gen = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, LABEL_STREAM, topo.rank, step))
         sigma = sample_training_sigmas(
-            len(x0), "edm", p_mean=cfg.p_mean, p_std=cfg.p_std, generator=gen, device=device
+            len(x0), "edm", p_mean=cfg.p_mean, p_std=cfg.p_std, generator=gens, device=device
         )
         lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = denoising_loss(denoiser, x0, sigma, sigma_data=cfg.sigma_data, generator=gen, y=y)
+            loss = denoising_loss(
+                partial(denoiser, generator=label_gen), x0, sigma, sigma_data=cfg.sigma_data, generator=gens, y=y
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         optimizer.step()
-        ema.update(model)
-        loss_value = loss.item()
+        ema.update(net)
+        loss_value = mean_over_ranks(loss, topo)  # the global batch's loss; the same on every rank
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step}")
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
+            norm = float(full_tensor(grad_norm))  # FSDP: the norm over all shards
             now = time.perf_counter()
             n_steps = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
             rate = n_steps * cfg.batch_size / max(now - last_t, 1e-9)
             last_t = now
-            log.write(dict(step=done, loss=loss_value, lr=lr, grad_norm=float(grad_norm), images_per_s=rate))
-            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if main:
+                log.write(dict(step=done, loss=loss_value, lr=lr, grad_norm=norm, images_per_s=rate))
+                bar.set_postfix(loss=f"{loss_value:.4f}")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(
-                run_dir, done, model=model, optimizer=optimizer, ema=ema,
-                config=cfg.to_dict(), keep_last=cfg.keep_last,
-                extra={"loss": loss_value, "num_classes": data.num_classes, "classes": data.classes,
-                       "in_channels": int(images.shape[1])},
-            )
-    log.close()
-    return TrainResult(run_dir, max(start, cfg.steps), loss_value, time.perf_counter() - t0)
+            state = checkpoint_state(net, optimizer, ema, topo)  # gathers FSDP shards: every rank calls it
+            if state is not None:
+                save_checkpoint(
+                    run_dir, done, **state, config=cfg.to_dict(), keep_last=cfg.keep_last,
+                    extra={"loss": loss_value, "num_classes": data.num_classes, "classes": data.classes,
+                           "in_channels": int(images.shape[1])},
+                )
+            barrier(topo)  # no rank runs ahead of (or exits before) the checkpoint on disk
+    if main:
+        log.close()
+    return TrainResult(run_dir, max(start, cfg.steps), loss_value, time.perf_counter() - t0, topo.rank)
