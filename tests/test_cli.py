@@ -133,3 +133,12 @@ def test_eval_writes_report(tiny_config, tmp_path, capsys):
         assert set(report[row]) >= {"conditional_accuracy", "frechet_distance"}
     assert report["real_heldout"]["conditional_accuracy"] >= 0.97
     assert "real held-out" in capsys.readouterr().out
+
+
+def test_hyena_backbone_trains_and_samples(tiny_config, tmp_path):
+    run = tmp_path / "hyena"
+    assert run_cli("train", "--config", tiny_config, "--mixer", "hyena", "--out", run, "--steps", 2, "--quiet") == 0
+    assert json.loads((run / "config.json").read_text())["model"]["mixer"] == "hyena"
+    out = tmp_path / "h.png"
+    assert run_cli("sample", run, "--classes", "4", "--per-class", 2, "--steps", 2, "-o", out) == 0
+    assert np.load(out.with_suffix(".npy")).shape == (2, 1, 8, 8)

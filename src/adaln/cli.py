@@ -33,7 +33,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = {
         "steps": args.steps, "batch_size": args.batch_size, "device": args.device,
-        "seed": args.seed, "data.root": args.data_root,
+        "seed": args.seed, "data.root": args.data_root, "model.mixer": args.mixer,
     }
     cfg = load_config(args.config, overrides)
     result = train(cfg, args.out, resume=args.resume, progress=not args.quiet, distributed=args.distributed)
@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, help="global batch, split evenly over the processes")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"])
     t.add_argument("--seed", type=int)
+    t.add_argument("--mixer", choices=["attention", "hyena"], help="denoiser backbone (default: DiT attention)")
     t.add_argument("--data-root", help="image folder (one sub-folder per class) for data.name=image_folder")
     t.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -31,6 +31,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    mixer: str = "attention"  # "attention": DiT; "hyena": AdaLN-Zero residual network with Hyena
     patch_size: int = 2
     hidden_size: int = 128
     depth: int = 4

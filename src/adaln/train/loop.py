@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from adaln.data import load_digits, load_image_folder
 from adaln.diffusion import EDMPrecond, denoising_loss, sample_training_sigmas
 from adaln.models.dit import DiT, EDMTimestep
+from adaln.models.residual_denoiser import ResidualDenoiser
 from adaln.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from adaln.train.config import ConfigError, TrainConfig
 from adaln.train.distributed import (
@@ -69,21 +70,23 @@ def load_dataset(cfg: TrainConfig, split: str = "train") -> Dataset:
     raise ConfigError(f"data.name must be 'digits' or 'image_folder', got {d.name!r}")
 
 
-def build_model(cfg: TrainConfig, in_channels: int, num_classes: int) -> DiT:
-    """A class-conditional DiT without learned-sigma channels (EDM training predicts data only)."""
+def build_model(cfg: TrainConfig, in_channels: int, num_classes: int) -> DiT | ResidualDenoiser:
+    """The class-conditional denoiser backbone, without learned-sigma channels (EDM predicts data only).
+
+    ``model.mixer="attention"`` is DiT; ``"hyena"`` is an AdaLN-Zero residual network whose sequence
+    mixer is Hyena (``ResidualDenoiser``), with the same interface.
+    """
     m = cfg.model
-    return DiT(
-        input_size=cfg.data.image_size,
-        patch_size=m.patch_size,
-        in_channels=in_channels,
-        hidden_size=m.hidden_size,
-        depth=m.depth,
-        num_heads=m.num_heads,
-        mlp_ratio=m.mlp_ratio,
-        class_dropout_prob=m.class_dropout_prob,
-        num_classes=num_classes,
-        learn_sigma=False,
+    sizes = dict(
+        input_size=cfg.data.image_size, patch_size=m.patch_size, in_channels=in_channels,
+        hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+        class_dropout_prob=m.class_dropout_prob, num_classes=num_classes,
     )
+    if m.mixer == "attention":
+        return DiT(**sizes, learn_sigma=False)
+    if m.mixer == "hyena":
+        return ResidualDenoiser(**sizes, mixer="hyena")
+    raise ConfigError(f"model.mixer must be 'attention' or 'hyena', got {m.mixer!r}")
 
 
 def resolve_device(name: str) -> torch.device:
