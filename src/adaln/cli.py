@@ -15,6 +15,14 @@ from pathlib import Path
 
 from adaln.train.checkpoint import CheckpointError
 from adaln.train.config import ConfigError, load_config, preset_names
+from adaln.train.text import (
+    evaluate_text_run,
+    is_text_config,
+    is_text_run,
+    load_text_config,
+    sample_prompts,
+    train_text,
+)
 
 DEFAULT_RUN = "runs/digits"
 
@@ -35,6 +43,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         "steps": args.steps, "batch_size": args.batch_size, "device": args.device,
         "seed": args.seed, "data.root": args.data_root, "model.mixer": args.mixer,
     }
+    if is_text_config(args.config):
+        if args.distributed != "none":
+            raise ConfigError("--distributed is not supported by the text-conditioned job")
+        cfg = load_text_config(args.config, overrides)
+        result = train_text(cfg, args.out, resume=args.resume, progress=not args.quiet)
+        print(f"trained {cfg.name} to step {result.step} in {result.seconds:.1f} s; final loss "
+              f"{result.final_loss:.4f}; run directory {result.run_dir}")
+        return 0
     cfg = load_config(args.config, overrides)
     result = train(cfg, args.out, resume=args.resume, progress=not args.quiet, distributed=args.distributed)
     if result.rank == 0:
@@ -46,8 +62,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from adaln.train.generate import generate, load_run, save_grid
+    from adaln.train.generate import find_checkpoint, generate, load_run, save_grid
 
+    if args.prompt:
+        out = Path(args.output or Path(args.run) / "prompts.png")
+        images = sample_prompts(args.run, args.prompt, out, per_prompt=args.per_class, cfg_scale=args.cfg,
+                                steps=args.steps, seed=args.seed, device=args.device, use_ema=not args.no_ema)
+        print(f"wrote {out} and {out.with_suffix('.npy')}: {len(images)} samples for {len(args.prompt)} prompt(s)")
+        return 0
+    if is_text_run(find_checkpoint(args.run)):
+        raise ConfigError(f"{args.run} holds a text-conditioned model: give --prompt \"...\"")
     run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
     classes = _parse_classes(args.classes, run.num_classes)
     s = run.cfg.sample
@@ -110,6 +134,15 @@ def _print_eval(rows: list[dict]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from adaln.train.generate import find_checkpoint
+
+    ckpt = find_checkpoint(args.run)
+    if is_text_run(ckpt):
+        result = evaluate_text_run(args.run, per_prompt=args.per_class, cfg_scale=args.cfg, steps=args.steps,
+                                   seed=args.seed, device=args.device,
+                                   scorer_dir=ckpt.parent.parent / "digits_classifier")
+        print(json.dumps(result, indent=2))
+        return 0
     result = evaluate_run(args.run, cfg_scale=args.cfg, per_class=args.per_class, steps=args.steps,
                           seed=args.seed, device=args.device)
     _print_eval([result])
@@ -158,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample a PNG grid (one row per class) and a .npy array")
     s.add_argument("run", help="run directory or checkpoint directory")
     s.add_argument("--classes", help="comma-separated class ids (default: all)")
+    s.add_argument("--prompt", action="append", help="text prompt (text-conditioned runs; repeatable)")
     s.add_argument("--per-class", type=int, default=8)
     s.add_argument("--cfg", type=float, help="guidance scale (default: the run's sample.cfg)")
     s.add_argument("--steps", type=int)
