@@ -15,6 +15,7 @@ from pathlib import Path
 
 from adaln.train.checkpoint import CheckpointError
 from adaln.train.config import ConfigError, load_config, preset_names
+from adaln.train.conformers import is_conformer_config, is_conformer_run
 from adaln.train.text import (
     evaluate_text_run,
     is_text_config,
@@ -43,6 +44,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "steps": args.steps, "batch_size": args.batch_size, "device": args.device,
         "seed": args.seed, "data.root": args.data_root, "model.mixer": args.mixer,
     }
+    if is_conformer_config(args.config):
+        return _train_conformers(args, overrides)
     if is_text_config(args.config):
         if args.distributed != "none":
             raise ConfigError("--distributed is not supported by the text-conditioned job")
@@ -59,11 +62,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_conformers(args: argparse.Namespace, overrides: dict) -> int:
+    from adaln.train.conformers import load_conformer_config, train_conformers
+
+    for flag, value in (("--mixer", args.mixer), ("--data-root", args.data_root)):
+        if value is not None:
+            raise ConfigError(f"{flag} does not apply to the conformer job")
+    if args.distributed != "none":
+        raise ConfigError("--distributed is not supported by the conformer job")
+    keep = {k: v for k, v in overrides.items() if k in ("steps", "batch_size", "device", "seed")}
+    cfg = load_conformer_config(args.config, keep)
+    result = train_conformers(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    print(f"trained {cfg.name} to step {result.step} in {result.seconds:.1f} s; final loss "
+          f"{result.final_loss:.4f}; sigma_data {result.sigma_data:.3f} A; run directory {result.run_dir}")
+    return 0
+
+
+def _sample_conformers(args: argparse.Namespace) -> int:
+    from adaln.train.conformers import sample_component
+
+    if not args.component:
+        raise ConfigError(f"{args.run} holds a conformer model: give --component ID (a CCD id such as ATP)")
+    out = args.output or f"{args.component.lower()}.cif"
+    r = sample_component(args.run, args.component, n=args.n, seed=args.seed, out=out, device=args.device,
+                         use_ema=not args.no_ema)
+    rmsd = ", ".join(f"{x:.2f}" for x in r["rmsd_sym"])
+    print(f"wrote {r['cif']} ({args.n} models) and {r['png']}; RMSD to the CCD ideal conformer "
+          f"(symmetry-aware, A): {rmsd}; step {r['step']}")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from adaln.train.generate import find_checkpoint, generate, load_run, save_grid
 
+    if is_conformer_run(args.run):
+        return _sample_conformers(args)
+    if args.component:
+        raise ConfigError("--component needs a conformer run (adaln train --config ccd-conformers)")
     if args.prompt:
         out = Path(args.output or Path(args.run) / "prompts.png")
         images = sample_prompts(args.run, args.prompt, out, per_prompt=args.per_class, cfg_scale=args.cfg,
@@ -136,6 +173,15 @@ def _print_eval(rows: list[dict]) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from adaln.train.generate import find_checkpoint
 
+    if is_conformer_run(args.run):
+        from adaln.train.conformers import evaluate_conformers
+
+        result = evaluate_conformers(args.run, k=args.n, limit=args.limit, seed=args.seed, device=args.device)
+        print((Path(args.run) / "eval.md").read_text())
+        print(f"median best-of-{result['k']} RMSD ratio (ours / RDKit ETKDGv3): {result['median_best_rmsd_ratio']:.3f}")
+        return 0
+    if args.n is not None or args.limit is not None:
+        raise ConfigError("--n and --limit apply to conformer runs only")
     ckpt = find_checkpoint(args.run)
     if is_text_run(ckpt):
         result = evaluate_text_run(args.run, per_prompt=args.per_class, cfg_scale=args.cfg, steps=args.steps,
@@ -173,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adaln", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a class-conditional DiT")
+    t = sub.add_parser("train", help="train a class-conditional DiT, a text-conditioned DiT or a conformer model")
     t.add_argument("--config", default="digits", help=f"preset ({', '.join(preset_names())}) or FILE.yaml")
     t.add_argument("--out", default=DEFAULT_RUN, help="run directory (default %(default)s)")
     t.add_argument("--steps", type=int)
@@ -192,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run directory or checkpoint directory")
     s.add_argument("--classes", help="comma-separated class ids (default: all)")
     s.add_argument("--prompt", action="append", help="text prompt (text-conditioned runs; repeatable)")
+    s.add_argument("--component", help="CCD component id (conformer runs), e.g. ATP")
+    s.add_argument("--n", type=int, default=5, help="conformers to generate (conformer runs; default %(default)s)")
     s.add_argument("--per-class", type=int, default=8)
     s.add_argument("--cfg", type=float, help="guidance scale (default: the run's sample.cfg)")
     s.add_argument("--steps", type=int)
@@ -199,11 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
     s.add_argument("--device", default="auto")
-    s.add_argument("-o", "--output", help="PNG path (default RUN/grid.png); the .npy goes beside it")
+    s.add_argument("-o", "--output", help="PNG path (default RUN/grid.png); the .npy goes beside it. Conformer "
+                   "runs: mmCIF path (default ID.cif); the PNG picture goes beside it")
     s.set_defaults(func=cmd_sample)
 
-    e = sub.add_parser("eval", help="score samples with a classifier trained on real digits")
+    e = sub.add_parser("eval", help="score digit samples with a classifier trained on real digits, or "
+                       "conformers against RDKit ETKDGv3 on the CCD test split")
     e.add_argument("run")
+    e.add_argument("--n", type=int, help="conformers per molecule (conformer runs; default the run's eval_k)")
+    e.add_argument("--limit", type=int, help="test molecules (conformer runs; default the run's eval_limit)")
     e.add_argument("--cfg", type=float)
     e.add_argument("--per-class", type=int)
     e.add_argument("--steps", type=int)
