@@ -441,9 +441,10 @@ def test_cli_train_sample_eval(tmp_path, mols, capsys):
 
     assert pdbx.get_structure(pdbx.CIFFile.read(str(out))).stack_depth() == 2
 
-    assert cli.main(["eval", str(run)]) == 0
+    assert cli.main(["eval", str(run), "--step-scale", "2", "--steps", "4"]) == 0
     assert "median best-of-2 RMSD ratio" in capsys.readouterr().out
     result = json.loads((run / "eval.json").read_text())
+    assert result["sampler"]["step_scale"] == 2.0 and result["sampler"]["steps"] == 4
     assert {r["comp_id"] for r in result["records"]["ours"]} == set(test_ids)
     assert (run / "eval.md").read_text().count("RDKit ETKDGv3") >= 1
 

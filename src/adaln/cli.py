@@ -85,7 +85,7 @@ def _sample_conformers(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.run} holds a conformer model: give --component ID (a CCD id such as ATP)")
     out = args.output or f"{args.component.lower()}.cif"
     r = sample_component(args.run, args.component, n=args.n, seed=args.seed, out=out, device=args.device,
-                         use_ema=not args.no_ema)
+                         use_ema=not args.no_ema, sample={"steps": args.steps, "step_scale": args.step_scale})
     rmsd = ", ".join(f"{x:.2f}" for x in r["rmsd_sym"])
     print(f"wrote {r['cif']} ({args.n} models) and {r['png']}; RMSD to the CCD ideal conformer "
           f"(symmetry-aware, A): {rmsd}; step {r['step']}")
@@ -99,8 +99,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if is_conformer_run(args.run):
         return _sample_conformers(args)
-    if args.component:
-        raise ConfigError("--component needs a conformer run (adaln train --config ccd-conformers)")
+    if args.component or args.step_scale is not None:
+        raise ConfigError("--component and --step-scale need a conformer run (adaln train --config ccd-conformers)")
     if args.prompt:
         out = Path(args.output or Path(args.run) / "prompts.png")
         images = sample_prompts(args.run, args.prompt, out, per_prompt=args.per_class, cfg_scale=args.cfg,
@@ -176,12 +176,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if is_conformer_run(args.run):
         from adaln.train.conformers import evaluate_conformers
 
-        result = evaluate_conformers(args.run, k=args.n, limit=args.limit, seed=args.seed, device=args.device)
+        result = evaluate_conformers(args.run, k=args.n, limit=args.limit, seed=args.seed, device=args.device,
+                                     sample={"steps": args.steps, "step_scale": args.step_scale})
         print((Path(args.run) / "eval.md").read_text())
         print(f"median best-of-{result['k']} RMSD ratio (ours / RDKit ETKDGv3): {result['median_best_rmsd_ratio']:.3f}")
         return 0
-    if args.n is not None or args.limit is not None:
-        raise ConfigError("--n and --limit apply to conformer runs only")
+    if args.n is not None or args.limit is not None or args.step_scale is not None:
+        raise ConfigError("--n, --limit and --step-scale apply to conformer runs only")
     ckpt = find_checkpoint(args.run)
     if is_text_run(ckpt):
         result = evaluate_text_run(args.run, per_prompt=args.per_class, cfg_scale=args.cfg, steps=args.steps,
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", action="append", help="text prompt (text-conditioned runs; repeatable)")
     s.add_argument("--component", help="CCD component id (conformer runs), e.g. ATP")
     s.add_argument("--n", type=int, default=5, help="conformers to generate (conformer runs; default %(default)s)")
+    s.add_argument("--step-scale", type=float, help="AF3 sampler step scale (conformer runs; default: the run's)")
     s.add_argument("--per-class", type=int, default=8)
     s.add_argument("--cfg", type=float, help="guidance scale (default: the run's sample.cfg)")
     s.add_argument("--steps", type=int)
@@ -256,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run")
     e.add_argument("--n", type=int, help="conformers per molecule (conformer runs; default the run's eval_k)")
     e.add_argument("--limit", type=int, help="test molecules (conformer runs; default the run's eval_limit)")
+    e.add_argument("--step-scale", type=float, help="AF3 sampler step scale (conformer runs; default: the run's)")
     e.add_argument("--cfg", type=float)
     e.add_argument("--per-class", type=int)
     e.add_argument("--steps", type=int)
