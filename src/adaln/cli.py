@@ -100,7 +100,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if is_conformer_run(args.run):
         return _sample_conformers(args)
     if args.component or args.step_scale is not None:
-        raise ConfigError("--component and --step-scale need a conformer run (adaln train --config ccd-conformers)")
+        raise ConfigError(
+            "--component and --step-scale need a conformer run (adaln train --config ccd-conformers)"
+        )
     if args.prompt:
         out = Path(args.output or Path(args.run) / "prompts.png")
         images = sample_prompts(args.run, args.prompt, out, per_prompt=args.per_class, cfg_scale=args.cfg,
@@ -179,7 +181,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate_conformers(args.run, k=args.n, limit=args.limit, seed=args.seed, device=args.device,
                                      sample={"steps": args.steps, "step_scale": args.step_scale})
         print((Path(args.run) / "eval.md").read_text())
-        print(f"median best-of-{result['k']} RMSD ratio (ours / RDKit ETKDGv3): {result['median_best_rmsd_ratio']:.3f}")
+        ratio = result["median_best_rmsd_ratio"]
+        print(f"median best-of-{result['k']} RMSD ratio (ours / RDKit ETKDGv3): {ratio:.3f}")
         return 0
     if args.n is not None or args.limit is not None or args.step_scale is not None:
         raise ConfigError("--n, --limit and --step-scale apply to conformer runs only")

@@ -156,7 +156,10 @@ def _read_source(source: str) -> dict[str, Any] | None:
         if not ref.is_file():
             return None
         text = ref.read_text()
-    data = yaml.safe_load(text)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None  # the caller's own loader reports the syntax error
     return data if isinstance(data, dict) else None
 
 
