@@ -375,8 +375,9 @@ def test_mmcif_round_trip(tmp_path, mols):
 def test_tiny_training_reduces_loss_then_samples(tmp_path, mols):
     from adaln.diffusion import EDMPrecond, centre_random_augmentation, denoising_loss
     from adaln.train.conformers import (
-        ConformerConfigError, batch_cond, build_model, load_conformer_run, sample_component, train_conformers,
+        batch_cond, build_model, load_conformer_run, sample_component, train_conformers,
     )
+    from adaln.train.config import ConfigError
 
     train = [mols[c] for c in ("ALA", "IMD", "BEN", "SER", "GLY", "THR", "PRO", "ATP")]
     cfg = tiny_config()
@@ -400,7 +401,7 @@ def test_tiny_training_reduces_loss_then_samples(tmp_path, mols):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [100, 200, 300, 400]
     assert (tmp_path / "run" / "loss.png").stat().st_size > 0
-    with pytest.raises(ConformerConfigError, match="already holds checkpoints"):
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
         train_conformers(cfg, tmp_path / "run", molecules=train, progress=False)
     again = train_conformers(cfg, tmp_path / "run", molecules=train, progress=False, resume=True)
     assert again.step == 400

@@ -52,11 +52,14 @@ from adaln.diffusion import (
 )
 from adaln.models.af3 import AF3LayerNorm, ConditionedTransition, DiffusionTransformer, af3_linear
 from adaln.nn import FourierEmbedding
-from adaln.train.checkpoint import load_checkpoint, load_latest_checkpoint, list_checkpoints, save_checkpoint
+from adaln.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from adaln.train.config import ConfigError
 from adaln.train.ema import EMA
+from adaln.train.loop import plot_loss_curve, resume_or_start
+from adaln.train.loop import resolve_device as resolve_training_device
 
 
-class ConformerConfigError(ValueError):
+class ConformerConfigError(ConfigError):
     """A conformer configuration or run directory that cannot be used."""
 
 
@@ -441,15 +444,10 @@ def distance_loss(denoised: Tensor, x0: Tensor, pairs: Tensor, sigma: Tensor, si
 
 def resolve_device(name: str, threads: int | None = None) -> torch.device:
     """The torch device for ``name`` (auto, cpu, cuda[:N]); on CPU, applies ``threads`` if given."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConformerConfigError("device cuda was requested but CUDA is not available")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ConformerConfigError(f"device must be auto, cpu or cuda[:N], got {name!r}")
-    if name == "cpu" and threads is not None:
+    device = resolve_training_device(name)
+    if device.type == "cpu" and threads is not None:
         torch.set_num_threads(threads)
-    return torch.device(name)
+    return device
 
 
 def _seed(*parts: object) -> int:
@@ -540,12 +538,7 @@ def train_conformers(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
 
-    start = 0
-    found = load_latest_checkpoint(run_dir, model=model, optimizer=optimizer, ema=ema) if resume else None
-    if found is not None:
-        start = int(found[1]["step"])
-    elif list_checkpoints(run_dir):
-        raise ConformerConfigError(f"{run_dir} already holds checkpoints: resume or choose another run directory")
+    start = resume_or_start(run_dir, resume, model=model, optimizer=optimizer, ema=ema)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
@@ -594,28 +587,8 @@ def train_conformers(
             save_checkpoint(run_dir, done, model=model, optimizer=optimizer, ema=ema, config=cfg.to_dict(),
                             extra={"loss": loss_value, "sigma_data": sigma_data}, keep_last=cfg.keep_last)
     metrics.close()
-    _plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
     return ConformerTrainResult(run_dir, max(start, cfg.steps), loss_value, time.perf_counter() - t0, sigma_data)
-
-
-def _plot_loss(metrics_path: Path, out_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("EDM loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_path)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from adaln.data import load_digits, load_image_folder
 from adaln.diffusion import EDMPrecond, denoising_loss, sample_training_sigmas
 from adaln.models.dit import DiT, EDMTimestep
 from adaln.models.residual_denoiser import ResidualDenoiser
-from adaln.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from adaln.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from adaln.train.config import ConfigError, TrainConfig
 from adaln.train.distributed import (
     Topology,
@@ -97,6 +97,19 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device cuda was requested but CUDA is not available")
     return torch.device(name)
+
+
+def resume_or_start(run_dir: Path, resume: bool, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    ema: EMA) -> int:
+    """The step to start from: that of the newest good checkpoint loaded into ``model``, ``optimizer`` and
+    ``ema`` when ``resume``, else 0; a fresh start in a run directory that holds checkpoints raises
+    ``ConfigError`` (nothing is overwritten)."""
+    found = load_latest_checkpoint(run_dir, model=model, optimizer=optimizer, ema=ema) if resume else None
+    if found is not None:
+        return int(found[1]["step"])
+    if list_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume or choose another --out")
+    return 0
 
 
 SAMPLE_STREAM, LABEL_STREAM = 1, 2  # keys that keep the per-sample and label-dropout seeds apart
@@ -213,12 +226,7 @@ def _train(cfg: TrainConfig, run_dir: Path, topo: Topology, *, resume: bool, pro
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     optimizer = make_optimizer(model.parameters())
-    start = 0
-    found = load_latest_checkpoint(run_dir, model=model, optimizer=optimizer, ema=ema) if resume else None
-    if found is not None:
-        start = int(found[1]["step"])
-    elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume or choose another --out")
+    start = resume_or_start(run_dir, resume, model=model, optimizer=optimizer, ema=ema)
     low, high = agree_over_ranks(start, topo)
     if low != high:
         raise ConfigError(f"the processes resumed from different steps ({low} and {high}): "

@@ -37,11 +37,11 @@ from adaln.data.text_digits import (
 )
 from adaln.diffusion import ClassifierFreeGuidance, denoising_loss, sample_edm, sample_training_sigmas
 from adaln.models.conditioning import ConditionalDiT, conditional_dit_edm_denoiser, drop_samples
-from adaln.train.checkpoint import list_checkpoints, load_checkpoint, load_latest_checkpoint, save_checkpoint
+from adaln.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from adaln.train.config import ConfigError, TrainConfig, preset_names
 from adaln.train.ema import EMA
 from adaln.train.generate import save_grid
-from adaln.train.loop import MetricsLog, batch_indices, resolve_device
+from adaln.train.loop import MetricsLog, batch_indices, resolve_device, resume_or_start
 
 VARIANTS = ("pooled", "tokens", "both")
 TEXT_PRESET = "digits-text"
@@ -218,12 +218,7 @@ def train_text(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
 
-    start = 0
-    found = load_latest_checkpoint(run_dir, model=model, optimizer=optimizer, ema=ema) if resume else None
-    if found is not None:
-        start = int(found[1]["step"])
-    elif list_checkpoints(run_dir):
-        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume or choose another --out")
+    start = resume_or_start(run_dir, resume, model=model, optimizer=optimizer, ema=ema)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
