@@ -55,7 +55,7 @@ from adaln.nn import FourierEmbedding
 from adaln.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from adaln.train.config import ConfigError
 from adaln.train.ema import EMA
-from adaln.train.loop import plot_loss_curve, resume_or_start
+from adaln.train.loop import optimizer_step, plot_loss_curve, require_finite, resume_or_start
 from adaln.train.loop import resolve_device as resolve_training_device
 
 
@@ -566,14 +566,8 @@ def train_conformers(
             if weight:
                 pairs = local_pairs([mols[i] for i in indices], distance, device)
                 loss = loss + weight * distance_loss(keep.output, x0, pairs, sigma, sigma_data)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        ema.update(model)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step}")
+        grad_norm = optimizer_step(loss, model, optimizer, ema, cfg.grad_clip)
+        loss_value = require_finite(loss.item(), step)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             now = time.perf_counter()

@@ -112,6 +112,25 @@ def resume_or_start(run_dir: Path, resume: bool, *, model: nn.Module, optimizer:
     return 0
 
 
+def optimizer_step(loss: Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA,
+                   grad_clip: float) -> Tensor:
+    """Backward, clip the gradient norm to ``grad_clip``, step, update the EMA; returns the norm before
+    clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    ema.update(model)
+    return grad_norm
+
+
+def require_finite(loss_value: float, step: int) -> float:
+    """``loss_value``, or ``FloatingPointError`` naming the step when it is NaN or infinite."""
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"loss became {loss_value} at step {step}")
+    return loss_value
+
+
 SAMPLE_STREAM, LABEL_STREAM = 1, 2  # keys that keep the per-sample and label-dropout seeds apart
 
 
@@ -262,14 +281,8 @@ def _train(cfg: TrainConfig, run_dir: Path, topo: Topology, *, resume: bool, pro
             loss = denoising_loss(
                 partial(denoiser, generator=label_gen), x0, sigma, sigma_data=cfg.sigma_data, generator=gens, y=y
             )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        optimizer.step()
-        ema.update(net)
-        loss_value = mean_over_ranks(loss, topo)  # the global batch's loss; the same on every rank
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step}")
+        grad_norm = optimizer_step(loss, net, optimizer, ema, cfg.grad_clip)
+        loss_value = require_finite(mean_over_ranks(loss, topo), step)  # the global batch's loss, on every rank
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             norm = float(full_tensor(grad_norm))  # FSDP: the norm over all shards

@@ -11,7 +11,6 @@ score measures phrasings the model never saw. Randomness per step is stateless a
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -37,11 +36,13 @@ from adaln.data.text_digits import (
 )
 from adaln.diffusion import ClassifierFreeGuidance, denoising_loss, sample_edm, sample_training_sigmas
 from adaln.models.conditioning import ConditionalDiT, conditional_dit_edm_denoiser, drop_samples
-from adaln.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from adaln.train.checkpoint import load_checkpoint, save_checkpoint
 from adaln.train.config import ConfigError, TrainConfig, preset_names
 from adaln.train.ema import EMA
-from adaln.train.generate import save_grid
-from adaln.train.loop import MetricsLog, batch_indices, resolve_device, resume_or_start
+from adaln.train.generate import find_checkpoint, save_grid
+from adaln.train.loop import (
+    MetricsLog, batch_indices, optimizer_step, require_finite, resolve_device, resume_or_start, stream_seed,
+)
 
 VARIANTS = ("pooled", "tokens", "both")
 TEXT_PRESET = "digits-text"
@@ -170,17 +171,6 @@ def condition_noise(
     return tokens + token_std * noise(tokens) * mask[..., None], pooled + pooled_std * noise(pooled)
 
 
-def _seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (splitmix64 finaliser per key)."""
-    mask, h = (1 << 64) - 1, 0
-    for key in keys:
-        h = ((h ^ (key & mask)) + 0x9E3779B97F4A7C15) & mask
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & mask
-        h ^= h >> 31
-    return h >> 1
-
-
 _DATA_STREAM, _DROPOUT_STREAM, _SAMPLE_STREAM = 11, 12, 13
 
 
@@ -235,8 +225,8 @@ def train_text(
     for step in bar:
         idx = batch_indices(len(images), step, cfg.batch_size, cfg.seed).to(device)
         x0, y = images[idx], labels[idx]
-        gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, _DATA_STREAM, step))
-        drop_gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, _DROPOUT_STREAM, step))
+        gen = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, _DATA_STREAM, step))
+        drop_gen = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, _DROPOUT_STREAM, step))
         phrasing = torch.randint(n_templates, (len(idx),), generator=gen, device=device)
         tokens, mask, pooled = encoded.select(phrasing * 10 + y)
         if cfg.text.cond_noise > 0:
@@ -252,14 +242,8 @@ def train_text(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = denoising_loss(partial(denoiser, generator=drop_gen), x0, sigma, sigma_data=cfg.sigma_data,
                                   generator=gen, **cond)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        ema.update(model)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step}")
+        grad_norm = optimizer_step(loss, model, optimizer, ema, cfg.grad_clip)
+        loss_value = require_finite(loss.item(), step)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             now = time.perf_counter()
@@ -291,21 +275,9 @@ class TextRun:
     checkpoint: Path
 
 
-def _checkpoint_dir(path: str | Path) -> Path:
-    path = Path(path)
-    if (path / "state.json").is_file():
-        return path
-    if not path.exists():
-        raise ConfigError(f"run directory or checkpoint not found: {path}")
-    found = list_checkpoints(path)
-    if not found:
-        raise ConfigError(f"no checkpoint in {path} (train first)")
-    return found[-1]
-
-
 def is_text_run(path: str | Path) -> bool:
     """Whether the run (or checkpoint) directory ``path`` holds a text-conditioned model."""
-    state = json.loads((_checkpoint_dir(path) / "state.json").read_text())
+    state = json.loads((find_checkpoint(path) / "state.json").read_text())
     return isinstance(state.get("config"), dict) and "text" in state["config"]
 
 
@@ -321,7 +293,7 @@ def require_text_run(path: str | Path) -> None:
 def load_text_run(path: str | Path, *, device: str = "auto", use_ema: bool = True) -> TextRun:
     """Rebuild a text run's model from its checkpoint's config and load EMA (or raw) weights."""
     require_text_run(path)
-    ckpt = _checkpoint_dir(path)
+    ckpt = find_checkpoint(path)
     state = json.loads((ckpt / "state.json").read_text())
     cfg = text_config_from_dict(state["config"])
     model = build_text_model(cfg, int(state["extra"]["token_dim"]))
@@ -357,7 +329,7 @@ def generate_from_captions(
     denoiser = conditional_dit_edm_denoiser(model, sigma_data=run.cfg.sigma_data)
     guided = ClassifierFreeGuidance(denoiser, cfg_scale, null_cond=model.null_cond())
     which = torch.arange(len(encoded.captions)).repeat_interleave(per_prompt)
-    gens = [torch.Generator(device=device).manual_seed(_seed(seed, _SAMPLE_STREAM, int(p), k))
+    gens = [torch.Generator(device=device).manual_seed(stream_seed(seed, _SAMPLE_STREAM, int(p), k))
             for p in range(len(encoded.captions)) for k in range(per_prompt)]
     out = []
     for i in range(0, len(which), chunk):
