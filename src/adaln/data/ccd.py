@@ -34,6 +34,7 @@ which the graph alone does not determine.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -341,14 +342,9 @@ class _Tables:
         return keep, removed
 
 
-_TABLES: _Tables | None = None
-
-
+@functools.cache
 def _tables() -> _Tables:
-    global _TABLES
-    if _TABLES is None:
-        _TABLES = _Tables()
-    return _TABLES
+    return _Tables()
 
 
 def load_component(comp_id: str) -> Molecule:
