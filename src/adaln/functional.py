@@ -14,22 +14,13 @@ from __future__ import annotations
 from torch import Tensor
 
 from adaln import kernels
+from adaln.checks import check_choice, check_tensor
 from adaln.kernels import reference
 
 NORMS = ("layer", "rms")
 GATES = ("linear", "tanh", "sigmoid")
 BACKENDS = ("auto", "torch", "triton")
 
-
-def check_tensor(t: object, name: str, min_dim: int = 1) -> Tensor:
-    """Raise a clear error unless ``t`` is a floating tensor with at least ``min_dim`` dims."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if t.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(t.shape)}")
-    return t
 
 
 def broadcast_condition(x: Tensor, c: Tensor | None, name: str) -> Tensor | None:
@@ -55,10 +46,6 @@ def _check_x(x: Tensor) -> Tensor:
     return check_tensor(x, "x", min_dim=2)
 
 
-def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
 
 def use_triton(backend: str, x: Tensor) -> bool:
     """Resolve ``backend`` for input ``x``: True selects the fused Triton kernel.
@@ -66,7 +53,7 @@ def use_triton(backend: str, x: Tensor) -> bool:
     ``"triton"`` also runs CPU tensors when ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests);
     ``"auto"`` uses kernels on CUDA only.
     """
-    _check_choice(backend, "backend", BACKENDS)
+    check_choice(backend, "backend", BACKENDS)
     if backend == "torch":
         return False
     if backend == "triton":
@@ -110,7 +97,7 @@ def norm_modulate(
     of the norm (RMSNorm takes no bias). eps default 1e-6 is DiT's.
     """
     _check_x(x)
-    _check_choice(norm, "norm", NORMS)
+    check_choice(norm, "norm", NORMS)
     scale = broadcast_condition(x, scale, "scale")
     shift = broadcast_condition(x, shift, "shift")
     _check_affine(x, weight, bias, norm)
@@ -130,7 +117,7 @@ def gate_residual(
     check_tensor(y, "y")
     if y.shape != x.shape:
         raise ValueError(f"y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
-    _check_choice(kind, "kind", GATES)
+    check_choice(kind, "kind", GATES)
     gate = broadcast_condition(x, gate, "gate")
     if use_triton(backend, x):
         return kernels.gate_residual(x, y, gate, kind)
@@ -161,8 +148,8 @@ def gate_residual_norm_modulate(
     check_tensor(y, "y")
     if y.shape != x.shape:
         raise ValueError(f"y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
-    _check_choice(kind, "kind", GATES)
-    _check_choice(norm, "norm", NORMS)
+    check_choice(kind, "kind", GATES)
+    check_choice(norm, "norm", NORMS)
     gate = broadcast_condition(x, gate, "gate")
     scale = broadcast_condition(x, scale, "scale")
     shift = broadcast_condition(x, shift, "shift")

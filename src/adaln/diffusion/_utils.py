@@ -103,10 +103,6 @@ def as_sigma(sigma: float | Tensor, batch: int, *, dtype: torch.dtype, device: t
     return sigma
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """float64 stays float64; everything else (fp32, bf16, fp16) computes in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
 
 def expand_to(v: Tensor, x: Tensor) -> Tensor:
     """View a per-sample ``(B,)`` tensor as ``(B, 1, ..., 1)`` to broadcast over ``x``'s non-batch dims."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from adaln.checks import check_tensor
 from adaln.diffusion._utils import GeneratorArg, check_generator, randn
-from adaln.functional import check_tensor
 
 MASK_EPS = 1e-6  # AF3 random_augmentation: mask_mean(..., eps=1e-6)
 

@@ -7,8 +7,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from adaln.diffusion._utils import as_sigma, compute_dtype, expand_to
-from adaln.functional import check_tensor
+from adaln.checks import check_tensor, compute_dtype
+from adaln.diffusion._utils import as_sigma, expand_to
 
 
 class ClassifierFreeGuidance:
@@ -88,7 +88,7 @@ class ClassifierFreeGuidance:
         b = x.shape[0]
         if self.scale == 1.0:
             return self.denoiser(x, sigma, **cond)
-        ct = compute_dtype(x)
+        ct = compute_dtype(x.dtype)
         sd = sigma.dtype if isinstance(sigma, Tensor) and sigma.is_floating_point() else ct
         sigma_b = as_sigma(sigma, b, dtype=sd, device=x.device)
         out = self.denoiser(torch.cat([x, x]), torch.cat([sigma_b, sigma_b]), **self._batched_cond(cond, b))

@@ -15,16 +15,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from adaln.checks import check_tensor, compute_dtype
 from adaln.diffusion._utils import (
     GeneratorArg,
     as_sigma,
     check_generator,
     check_positive,
-    compute_dtype,
     expand_to,
     randn,
 )
-from adaln.functional import check_tensor
 
 WEIGHTINGS = ("edm", "af3_paper")
 REDUCTIONS = ("mean", "sum", "none")
@@ -110,7 +109,7 @@ def denoising_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_positive(sigma_data, "sigma_data")
-    b, ct = x0.shape[0], compute_dtype(x0)
+    b, ct = x0.shape[0], compute_dtype(x0.dtype)
     sigma = as_sigma(sigma, b, dtype=ct, device=x0.device)
     weight = loss_weight(sigma, sigma_data, weighting)
     if noise is None:

@@ -13,9 +13,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from adaln.diffusion._utils import as_sigma, check_nonnegative, check_positive, compute_dtype, expand_to
+from adaln.checks import check_tensor, compute_dtype
+from adaln.diffusion._utils import as_sigma, check_nonnegative, check_positive, expand_to
 from adaln.diffusion.schedules import sigma_to_vp_timestep, vp_sigmas
-from adaln.functional import check_tensor
 
 NOISE_INPUTS = ("edm", "af3")
 
@@ -74,7 +74,7 @@ class EDMPrecond(nn.Module):
 
     def forward(self, x: Tensor, sigma: float | Tensor, **cond) -> Tensor:
         check_tensor(x, "x", min_dim=2)
-        ct = compute_dtype(x)
+        ct = compute_dtype(x.dtype)
         sigma = as_sigma(sigma, x.shape[0], dtype=ct, device=x.device)
         c_skip, c_out, c_in, _ = (expand_to(c, x) for c in edm_scalings(sigma, self.sigma_data))
         x32 = x.to(ct)
@@ -111,7 +111,7 @@ class VPEpsDenoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma: float | Tensor, **cond) -> Tensor:
         check_tensor(x, "x", min_dim=2)
-        ct = compute_dtype(x)
+        ct = compute_dtype(x.dtype)
         sigma = as_sigma(sigma, x.shape[0], dtype=ct, device=x.device)
         t = sigma_to_vp_timestep(sigma, self.alphas_cumprod)
         if self.round_timesteps:

@@ -24,6 +24,7 @@ from importlib.util import find_spec
 import torch
 from torch import Tensor
 
+from adaln.checks import check_choice
 from adaln.kernels import ops, reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -98,11 +99,6 @@ def _affine(x: Tensor, t: Tensor | None, name: str) -> Tensor | None:
     return t
 
 
-def _choice(value: str, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
 
 def modulate(x: Tensor, shift: Tensor | None, scale: Tensor) -> Tensor:
     """``x * (1 + scale) + shift`` (shift None means 0). x: (B, *spatial, C)."""
@@ -124,7 +120,7 @@ def norm_modulate(
     xr = _rows(x)
     shift, scale = _cond_rows(x, shift, "shift"), _cond_rows(x, scale, "scale")
     weight, bias = _affine(x, weight, "weight"), _affine(x, bias, "bias")
-    out = ops.norm_modulate(xr, shift, scale, weight, bias, _choice(norm, "norm", _NORMS), "one_plus", eps)
+    out = ops.norm_modulate(xr, shift, scale, weight, bias, check_choice(norm, "norm", _NORMS), "one_plus", eps)
     return out.view(x.shape)
 
 
@@ -134,7 +130,7 @@ def gate_residual(x: Tensor, y: Tensor, gate: Tensor, kind: str) -> Tensor:
     if y.shape != x.shape:
         raise ValueError(f"y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
     gate = _cond_rows(x, gate, "gate")
-    return ops.gate_residual(xr, y.reshape(xr.shape), gate, _choice(kind, "kind", _GATES)).view(x.shape)
+    return ops.gate_residual(xr, y.reshape(xr.shape), gate, check_choice(kind, "kind", _GATES)).view(x.shape)
 
 
 def gate_residual_norm_modulate(
@@ -157,7 +153,7 @@ def gate_residual_norm_modulate(
     weight, bias = _affine(x, weight, "weight"), _affine(x, bias, "bias")
     h, out = ops.gate_residual_norm_modulate(
         xr, y.reshape(xr.shape), gate, shift, scale, weight, bias,
-        _choice(kind, "kind", _GATES), _choice(norm, "norm", _NORMS), eps,
+        check_choice(kind, "kind", _GATES), check_choice(norm, "norm", _NORMS), eps,
     )  # fmt: skip
     return h.view(x.shape), out.view(x.shape)
 

@@ -11,10 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from adaln.checks import compute_dtype
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half types (statistics and 1+scale overflow/underflow there), else the dtype itself."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def normalize(

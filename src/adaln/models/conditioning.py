@@ -32,8 +32,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from adaln.checks import check_tensor
 from adaln.diffusion import EDMPrecond
-from adaln.functional import check_tensor
 from adaln.models.dit import EDMTimestep
 from adaln.nn.adaln import AdaLNZero
 from adaln.nn.attention import Attention, CrossAttention

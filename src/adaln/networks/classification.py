@@ -12,7 +12,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from adaln.functional import check_tensor
+from adaln.checks import check_tensor
 from adaln.networks.residual import ResidualNetwork
 from adaln.nn.attention import Attention
 from adaln.nn.blocks import AdaLNZeroResidualBlock

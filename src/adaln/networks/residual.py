@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from adaln.functional import check_tensor
+from adaln.checks import check_tensor
 from adaln.nn.blocks import build_module
 
 BlockSpec = Union[Callable[[], nn.Module], Mapping[str, Any]]

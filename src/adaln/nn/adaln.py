@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adaln.checks import check_choice, compute_dtype
 from adaln.functional import (
     GATES,
     NORMS,
@@ -29,7 +30,6 @@ from adaln.functional import (
     gate_residual,
     norm_modulate,
 )
-from adaln.kernels.reference import compute_dtype
 
 __all__ = [
     "AF3AdaptiveLayerNorm",
@@ -52,10 +52,6 @@ TRUNCATED_NORMAL_STDDEV_FACTOR = 0.87962566103423978  # std of N(0, 1) truncated
 #                         Validation and shared helpers                         #
 #################################################################################
 
-
-def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _check_x(x: object, dim: int, name: str = "x") -> Tensor:
@@ -139,7 +135,7 @@ class AdaLN(nn.Module):
         self, dim: int, cond_dim: int, *, norm: str = "layer", shift: bool = True, eps: float = 1e-6
     ) -> None:
         super().__init__()
-        _check_choice(norm, "norm", NORMS)
+        check_choice(norm, "norm", NORMS)
         self.dim, self.cond_dim, self.norm, self.shift, self.eps = dim, cond_dim, norm, shift, eps
         self.proj = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, (2 if shift else 1) * dim))
         _adaln_zero_(self.proj[1])
@@ -188,8 +184,8 @@ class AdaLNZero(nn.Module):
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        _check_choice(norm, "norm", NORMS)
-        _check_choice(gate, "gate", GATES)
+        check_choice(norm, "norm", NORMS)
+        check_choice(gate, "gate", GATES)
         if branches < 1:
             raise ValueError(f"branches must be >= 1, got {branches}")
         self.dim, self.cond_dim, self.branches = dim, cond_dim, branches
@@ -332,7 +328,7 @@ class AdaLNContinuous(nn.Module):
         elementwise_affine: bool = False,
     ) -> None:
         super().__init__()
-        _check_choice(norm, "norm", NORMS)
+        check_choice(norm, "norm", NORMS)
         self.dim, self.cond_dim, self.norm, self.eps = dim, cond_dim, norm, eps
         self.elementwise_affine = elementwise_affine
         self.proj = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))

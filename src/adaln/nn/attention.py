@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaln.functional import check_tensor
+from adaln.checks import check_tensor
 
 QK_NORMS = (None, "layer", "rms")
 

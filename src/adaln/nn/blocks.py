@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaln.functional import check_tensor, gate_residual, modulate, norm_modulate
+from adaln.checks import check_tensor
+from adaln.functional import gate_residual, modulate, norm_modulate
 from adaln.nn.adaln import AdaLN, AdaLNZero
 from adaln.nn.attention import Attention, CrossAttention
 from adaln.nn.mlp import DropPath, Mlp

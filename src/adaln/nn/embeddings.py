@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from adaln.functional import check_tensor
+from adaln.checks import check_tensor
 
 __all__ = [
     "FourierEmbedding",

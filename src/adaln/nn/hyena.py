@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaln.functional import check_tensor
+from adaln.checks import check_tensor
 
 # safari PositionalEmbedding: per axis [t, cos(f w), -sin(f w)] with f = linspace(1e-4, bands - 1, bands).
 EMB_BANDS = 4

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from adaln.checks import check_tensor
 from adaln.diffusion import edm_scalings
-from adaln.functional import check_tensor
 from adaln.models.af3.atom_attention import (
     ATOM_FEATURES,
     AtomAttentionDecoder,

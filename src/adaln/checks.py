@@ -1,0 +1,33 @@
+"""Argument checks and dtype rules shared by every layer of the package (imports only torch).
+
+Each check raises at the public boundary with the argument's name and what was expected, so a bad input
+never surfaces as a shape error deep inside a matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(t: object, name: str, min_dim: int = 1) -> Tensor:
+    """Raise a clear error unless ``t`` is a floating tensor with at least ``min_dim`` dims."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    """``value`` when it is one of ``choices``, else ``ValueError`` naming ``name``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types (statistics and 1+scale overflow/underflow there), else the dtype itself."""
+    return torch.promote_types(dtype, torch.float32)
