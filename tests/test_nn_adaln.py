@@ -192,6 +192,112 @@ def test_adaln_zero_leaves_module_apply_alone():
     assert seen.count("Linear") == 2 and "AdaLNZero" in seen
 
 
+def test_adaln_zero_without_activation_is_a_bare_linear(record_property):
+    m = randomize_(AdaLNZero(8, 5, norm="rms", shift=False, gate="tanh", activation=None).double())
+    assert isinstance(m.proj[0], torch.nn.Identity) and set(m.state_dict()) == {"proj.1.weight", "proj.1.bias"}
+    c = torch.randn(3, 5, dtype=torch.float64)
+    full = linear(np64(c), np64(m.proj[1].weight), np64(m.proj[1].bias))  # no SiLU
+    got = np.concatenate([np64(t) for _, sc, g in m(c) for t in (sc, g)], axis=-1)
+    err = float(np.abs(got - full).max())
+    record_property("max_abs_err", err)
+    assert err < 1e-12
+
+
+def test_adaln_zero_modulate_applies_the_norm_weight(record_property):
+    m = randomize_(AdaLNZero(8, 5, norm="rms", shift=False, eps=1e-5).double())
+    x, c = make_inputs((4,), 8, 5, per_token=False)
+    w = torch.randn(8, dtype=torch.float64)
+    (_, sc, _), _ = m(c)
+    ref = ref_rms_norm(np64(x), 1e-5) * np64(w) * (1 + bcast(np64(sc), np64(x)))
+    err = max_err(m.modulate(x, None, sc, weight=w), ref)
+    record_property("max_abs_err", err)
+    assert err < 1e-12
+    assert torch.equal(m.modulate(x, None, sc, weight=torch.ones(8, dtype=torch.float64)), m.modulate(x, None, sc))
+
+
+# ----------------------------------------------------------------------------- Z-Image and Lumina 2 (diffusers)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def randomize_weights_(module: torch.nn.Module, std: float) -> torch.nn.Module:
+    """Random Linear weights of scale ``std``, norm weights ``1 + N(0, 0.5^2)`` (never all ones)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            is_norm = "norm" in name
+            p.copy_(1 + 0.5 * torch.randn_like(p) if is_norm else std * torch.randn_like(p))
+    return module
+
+
+def test_z_image_block_modulation_path_matches_diffusers(record_property):
+    """A diffusers ``ZImageTransformerBlock`` with its modulation, pre-norms and gates done by ours.
+
+    The attention and feed-forward are diffusers' own modules (not under test); everything between them
+    is ``AdaLNZero(activation=None)`` with the weighted RMSNorms passed to ``modulate``. fp32: diffusers'
+    RMSNorm computes its statistics in fp32 whatever the input dtype.
+    """
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+    torch.manual_seed(0)
+    dim, eps = 320, 1e-5  # dim > 256: the projection input min(dim, 256) differs from dim
+    theirs = ZImageTransformerBlock(0, dim, n_heads=4, n_kv_heads=4, norm_eps=eps, qk_norm=True).eval()
+    randomize_weights_(theirs, std=0.05)
+    cond_dim = theirs.adaLN_modulation[0].in_features
+    assert cond_dim == 256
+
+    def ours_block(ada: AdaLNZero, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        post = [torch.nn.RMSNorm(dim, eps=eps) for _ in range(2)]
+        for norm, src in zip(post, (theirs.attention_norm2, theirs.ffn_norm2)):
+            norm.weight.data.copy_(src.weight)
+        (_, s_attn, g_attn), (_, s_ffn, g_ffn) = ada(t)
+        h = ada.modulate(x, None, s_attn, weight=theirs.attention_norm1.weight)
+        x = ada.residual(x, post[0](theirs.attention(h, attention_mask=None, freqs_cis=None)), g_attn)
+        h = ada.modulate(x, None, s_ffn, weight=theirs.ffn_norm1.weight)
+        return ada.residual(x, post[1](theirs.feed_forward(h)), g_ffn)
+
+    x, t = torch.randn(2, 7, dim), torch.randn(2, cond_dim)
+    errs = {}
+    for activation in (None, "silu"):
+        ada = AdaLNZero(dim, cond_dim, norm="rms", shift=False, gate="tanh", eps=eps, activation=activation)
+        ada.load_state_dict({"proj.1.weight": theirs.adaLN_modulation[0].weight,
+                             "proj.1.bias": theirs.adaLN_modulation[0].bias})  # fmt: skip
+        with torch.no_grad():
+            errs[activation] = rel_err(ours_block(ada, x, t), theirs(x, None, None, adaln_input=t))
+    record_property("max_rel_err", errs[None])
+    assert errs[None] <= 1e-5
+    assert errs["silu"] > 0.05  # the SiLU that Z-Image does not have is far off: the test can tell
+
+
+def test_lumina2_norms_with_weights_match_diffusers(record_property):
+    """diffusers ``LuminaRMSNormZero`` (``norm1``) and ``ffn_norm1 * (1 + scale_mlp)`` with non-unit weights."""
+    from diffusers.models.normalization import LuminaRMSNormZero, RMSNorm
+
+    torch.manual_seed(0)
+    dim, eps = 1040, 1e-5  # dim > 1024: the projection input min(dim, 1024) differs from dim
+    norm1 = randomize_weights_(LuminaRMSNormZero(dim, norm_eps=eps, norm_elementwise_affine=True), std=0.03)
+    ffn_norm1 = randomize_weights_(RMSNorm(dim, eps=eps), std=0.0)
+    cond_dim = norm1.linear.in_features
+    assert cond_dim == 1024
+    ada = AdaLNZero(dim, cond_dim, norm="rms", shift=False, gate="tanh", eps=eps)
+    ada.load_state_dict({"proj.1.weight": norm1.linear.weight, "proj.1.bias": norm1.linear.bias})
+
+    x, h, emb = torch.randn(2, 6, dim), torch.randn(2, 6, dim), torch.randn(2, cond_dim)
+    with torch.no_grad():
+        ref_x, ref_gate_msa, ref_scale_mlp, ref_gate_mlp = norm1(x, emb)
+        ref_h = ffn_norm1(h) * (1 + ref_scale_mlp[:, None])
+        (_, scale_msa, gate_msa), (_, scale_mlp, gate_mlp) = ada(emb)
+        got_x = ada.modulate(x, None, scale_msa, weight=norm1.norm.weight)
+        got_h = ada.modulate(h, None, scale_mlp, weight=ffn_norm1.weight)
+        unweighted = ada.modulate(x, None, scale_msa)
+    errs = [rel_err(got_x, ref_x), rel_err(got_h, ref_h)]
+    errs += [rel_err(a, b) for a, b in ((gate_msa, ref_gate_msa), (scale_mlp, ref_scale_mlp), (gate_mlp, ref_gate_mlp))]
+    record_property("max_rel_err", max(errs))
+    assert max(errs) <= 1e-5
+    assert rel_err(unweighted, ref_x) > 0.05  # without the norm weight it is far off
+
+
 # ----------------------------------------------------------------------------- AdaLNSingle (PixArt)
 
 
@@ -263,6 +369,47 @@ def test_adaln_continuous_float64_reference(spatial, norm, record_property):
     err = max_err(m(x, c), ref)
     record_property("max_abs_err", err)
     assert err < 1e-12
+
+
+@pytest.mark.parametrize("norm_type", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("affine", [False, True])
+def test_adaln_continuous_without_bias_matches_diffusers(norm_type, affine, record_property):
+    from diffusers.models.normalization import AdaLayerNormContinuous
+
+    dim, cond_dim = 16, 12
+    theirs = AdaLayerNormContinuous(
+        dim, cond_dim, elementwise_affine=affine, eps=1e-6, bias=False, norm_type=norm_type
+    )
+    randomize_(theirs, std=0.3)
+    sd = theirs.state_dict()
+    assert "linear.bias" not in sd and "norm.bias" not in sd
+    ours = AdaLNContinuous.from_diffusers_state_dict(sd, norm=norm_type.split("_")[0], eps=1e-6)
+    assert ours.proj[1].bias is None and ours.norm_bias is None
+    x, c = torch.randn(3, 7, dim), torch.randn(3, cond_dim)
+    with torch.no_grad():
+        err = (ours(x, c) - theirs(x, c)).abs().max().item()
+    record_property("max_abs_err", err)
+    assert err <= 1e-6
+    back = ours.to_diffusers_state_dict()
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_adaln_continuous_from_float64_state_dict_stays_float64(bias, record_property):
+    """diffusers' LayerNorm variant runs wholly in float64, so ours must match it to float64 rounding."""
+    from diffusers.models.normalization import AdaLayerNormContinuous
+
+    dim, cond_dim = 16, 12
+    theirs = randomize_(AdaLayerNormContinuous(dim, cond_dim, eps=1e-6, bias=bias).double(), std=0.3)
+    sd = theirs.state_dict()
+    ours = AdaLNContinuous.from_diffusers_state_dict(sd, eps=1e-6)
+    assert all(p.dtype == torch.float64 for p in ours.parameters())
+    assert torch.equal(ours.proj[1].weight[:dim], sd["linear.weight"][dim:])  # exact, not rounded
+    x, c = torch.randn(3, 7, dim, dtype=torch.float64), torch.randn(3, cond_dim, dtype=torch.float64)
+    with torch.no_grad():
+        err = (ours(x, c) - theirs(x, c)).abs().max().item()
+    record_property("max_abs_err", err)
+    assert err <= 1e-13
 
 
 def test_adaln_continuous_conversion_functions_swap_halves():
@@ -473,8 +620,22 @@ BAD_INPUTS = [
     ("zero residual y", lambda: _zero().residual(X, X[:, :4], X[:, 0]), ValueError, "y must have x's shape"),
     ("zero residual gate", lambda: _zero().residual(X, X, C), ValueError, "gate must be global"),
     ("zero bad gate", lambda: AdaLNZero(8, 4, gate="relu"), ValueError, "gate must be one of"),
+    (
+        "zero bad activation",
+        lambda: AdaLNZero(8, 4, activation="gelu"),
+        ValueError,
+        r"activation must be one of \('silu', None\), got 'gelu'",
+    ),
+    ("zero modulate weight", lambda: _zero().modulate(X, None, C[:, :1].expand(2, 8), weight=torch.ones(7)),
+     ValueError, r"weight must have shape \(8,\) to match x's channels"),
     ("continuous cond_dim", lambda: AdaLNContinuous(8, 4)(X, X[:, 0]), ValueError, "cond_dim=4"),
     ("continuous keys", lambda: AdaLNContinuous.from_diffusers_state_dict({}), ValueError, "linear.weight"),
+    (
+        "continuous odd rows",
+        lambda: AdaLNContinuous.from_diffusers_state_dict({"linear.weight": torch.zeros(7, 3)}),
+        ValueError,
+        r"'linear.weight' of shape \(2 \* dim, cond_dim\)",
+    ),
     ("single t_emb", lambda: AdaLNSingle(8)(X[:, 0, :7]), ValueError, r"t_emb must have shape \(B, 8\)"),
     ("table t_mod", lambda: AdaLNSingleTable(8)(torch.randn(2, 40)), ValueError, r"t_mod .* \(B, 48\)"),
     ("af3 cond missing", lambda: _af3(4)(X), ValueError, "cond is required"),

@@ -46,6 +46,7 @@ __all__ = [
 AF3_EPS = 1e-5  # haiku LayerNorm default, used by every AF3 LayerNorm
 AF3_GATE_BIAS = -2.0  # AF3: "init to a small gain, sigmoid(-2) ~ 0.1"
 TRUNCATED_NORMAL_STDDEV_FACTOR = 0.87962566103423978  # std of N(0, 1) truncated to [-2, 2]
+ACTIVATIONS = ("silu", None)  # before the modulation Linear: DiT / Lumina 2 SiLU, Z-Image none
 
 
 #################################################################################
@@ -109,7 +110,8 @@ def _modulation_linear(linear: nn.Linear, cond: Tensor, silu: bool = True) -> Te
 def _adaln_zero_(linear: nn.Linear) -> None:
     """Named init ``adaln_zero``: the modulation starts at shift = scale = gate = 0."""
     nn.init.zeros_(linear.weight)
-    nn.init.zeros_(linear.bias)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
 
 
 def _af3_lecun_normal_(weight: Tensor) -> None:
@@ -159,17 +161,21 @@ class AdaLN(nn.Module):
 class AdaLNZero(nn.Module):
     """AdaLN-Zero modulation for ``branches`` residual branches from one projection (DiT ``DiTBlock``).
 
-    ``self.proj = SiLU -> Linear(cond_dim, branches * k * dim)``, k = 3 with shift (per branch
-    ``(shift, scale, gate)``, DiT) else 2 (``(scale, gate)``). Init ``adaln_zero``: every gate is 0, so
-    a block using ``residual`` with ``gate="linear"``/``"tanh"`` is the identity at init (with
-    ``"sigmoid"`` a zero gate means gain 0.5).
+    ``self.proj = act -> Linear(cond_dim, branches * k * dim)``, k = 3 with shift (per branch
+    ``(shift, scale, gate)``, DiT) else 2 (``(scale, gate)``). ``cond_dim`` is the projection's own input
+    width, independent of ``dim``. ``activation``: ``"silu"`` (DiT, Lumina 2) or ``None`` (a bare Linear,
+    Z-Image); ``proj[0]`` is ``nn.Identity`` then, so the Linear's key stays ``proj.1.*``. Init
+    ``adaln_zero``: every gate is 0, so a block using ``residual`` with ``gate="linear"``/``"tanh"`` is
+    the identity at init (with ``"sigmoid"`` a zero gate means gain 0.5).
 
     Lumina 2 (diffusers ``transformer_lumina2.py``, ``LuminaRMSNormZero``) is ``norm="rms",
-    shift=False, gate="tanh"``: its chunks ``(scale_msa, gate_msa, scale_mlp, gate_mlp)`` are exactly
-    our per-branch ``(scale, gate)``. Differences: Lumina 2's projection input is ``min(dim, 1024)``,
-    its first RMSNorm has a learnable weight (pass it to ``norm_modulate`` if needed) and its blocks
-    RMS-normalise each branch output before the gate. Z-Image (``transformer_z_image.py``) has the same
-    chunk order and tanh gates but projects with a bare Linear (no SiLU).
+    shift=False, gate="tanh"`` with ``cond_dim = min(dim, 1024)``: its chunks ``(scale_msa, gate_msa,
+    scale_mlp, gate_mlp)`` are exactly our per-branch ``(scale, gate)``; its pre-norms ``norm1.norm`` and
+    ``ffn_norm1`` carry weights (``modulate(..., weight=)``). Z-Image (``transformer_z_image.py``
+    ``ZImageTransformerBlock``) is the same with ``activation=None`` and ``cond_dim = min(dim, 256)``;
+    its pre-norms ``attention_norm1`` / ``ffn_norm1`` are weighted RMSNorms too. Both blocks
+    RMS-normalise each branch output (weighted ``norm2`` / ``ffn_norm2``) before the gate: that norm is
+    the caller's, applied to ``y`` before ``residual``.
     """
 
     def __init__(
@@ -182,15 +188,19 @@ class AdaLNZero(nn.Module):
         shift: bool = True,
         gate: str = "linear",
         eps: float = 1e-6,
+        activation: str | None = "silu",
     ) -> None:
         super().__init__()
         check_choice(norm, "norm", NORMS)
         check_choice(gate, "gate", GATES)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if branches < 1:
             raise ValueError(f"branches must be >= 1, got {branches}")
         self.dim, self.cond_dim, self.branches = dim, cond_dim, branches
-        self.norm, self.shift, self.gate, self.eps = norm, shift, gate, eps
-        self.proj = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, branches * (3 if shift else 2) * dim))
+        self.norm, self.shift, self.gate, self.eps, self.activation = norm, shift, gate, eps, activation
+        act = nn.SiLU() if activation == "silu" else nn.Identity()
+        self.proj = nn.Sequential(act, nn.Linear(cond_dim, branches * (3 if shift else 2) * dim))
         _adaln_zero_(self.proj[1])
 
     def forward(self, cond: Tensor) -> list[tuple[Tensor | None, Tensor, Tensor]]:
@@ -199,15 +209,22 @@ class AdaLNZero(nn.Module):
         cond: (B, cond_dim) or (B, *spatial, cond_dim) -> tensors of shape cond.shape[:-1] + (dim,).
         """
         _check_cond(cond, self.cond_dim)
-        chunks = _modulation_linear(self.proj[1], cond).chunk(self.branches * (3 if self.shift else 2), -1)
+        out = _modulation_linear(self.proj[1], cond, silu=self.activation == "silu")
+        chunks = out.chunk(self.branches * (3 if self.shift else 2), -1)
         if self.shift:
             return [tuple(chunks[3 * i : 3 * i + 3]) for i in range(self.branches)]
         return [(None, chunks[2 * i], chunks[2 * i + 1]) for i in range(self.branches)]
 
-    def modulate(self, x: Tensor, shift: Tensor | None, scale: Tensor) -> Tensor:
-        """``norm(x) * (1 + scale) + shift`` with this module's norm and eps. x: (B, *spatial, dim)."""
+    def modulate(
+        self, x: Tensor, shift: Tensor | None, scale: Tensor, *, weight: Tensor | None = None
+    ) -> Tensor:
+        """``norm(x) * (1 + scale) + shift`` with this module's norm and eps. x: (B, *spatial, dim).
+
+        ``weight`` (dim,): the norm's own elementwise scale, applied before the modulation (the weighted
+        pre-norm RMSNorms of Lumina 2 and Z-Image); None means 1.
+        """
         _check_x(x, self.dim)
-        return norm_modulate(x, shift, scale, norm=self.norm, eps=self.eps)
+        return norm_modulate(x, shift, scale, norm=self.norm, eps=self.eps, weight=weight)
 
     def residual(self, x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
         """``x + act(gate) * y`` with this module's gate kind. x, y: (B, *spatial, dim)."""
@@ -314,8 +331,10 @@ class AdaLNContinuous(nn.Module):
     ``norm(x) * (1 + scale) + shift`` with ``(shift, scale) = Linear(SiLU(cond))`` — diffusers stores
     the Linear halves as ``(scale, shift)``; ``from_diffusers_state_dict`` / ``to_diffusers_state_dict``
     swap them. ``elementwise_affine`` adds the norm's own weight (and bias for LayerNorm) as diffusers
-    does. Init ``adaln_zero`` (diffusers' default init is not zero). eps 1e-6 as SD3/Flux configure it
-    (diffusers' class default is 1e-5). x: (B, *spatial, dim); cond: (B, cond_dim) or per-token.
+    does; ``bias=False`` drops the Linear's bias and the LayerNorm's bias (diffusers' ``bias`` switch
+    covers both). Init ``adaln_zero`` (diffusers' default init is not zero). eps 1e-6 as SD3/Flux
+    configure it (diffusers' class default is 1e-5). x: (B, *spatial, dim); cond: (B, cond_dim) or
+    per-token. Differs from diffusers in precision only: half inputs modulate in fp32 (dtype policy).
     """
 
     def __init__(
@@ -326,15 +345,16 @@ class AdaLNContinuous(nn.Module):
         norm: str = "layer",
         eps: float = 1e-6,
         elementwise_affine: bool = False,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         check_choice(norm, "norm", NORMS)
         self.dim, self.cond_dim, self.norm, self.eps = dim, cond_dim, norm, eps
         self.elementwise_affine = elementwise_affine
-        self.proj = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
+        self.proj = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim, bias=bias))
         _adaln_zero_(self.proj[1])
         self.norm_weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
-        has_bias = elementwise_affine and norm == "layer"
+        has_bias = elementwise_affine and bias and norm == "layer"
         self.norm_bias = nn.Parameter(torch.zeros(dim)) if has_bias else None
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
@@ -349,11 +369,26 @@ class AdaLNContinuous(nn.Module):
     def from_diffusers_state_dict(
         cls, sd: dict[str, Tensor], *, norm: str = "layer", eps: float = 1e-6
     ) -> AdaLNContinuous:
-        """Build from a diffusers state dict (``linear.*``, optional ``norm.*``); norm/eps as configured."""
-        if "linear.weight" not in sd or "linear.bias" not in sd:
-            raise ValueError(f"sd must hold 'linear.weight' and 'linear.bias', got keys {sorted(sd)}")
-        two_dim, cond_dim = sd["linear.weight"].shape
-        module = cls(two_dim // 2, cond_dim, norm=norm, eps=eps, elementwise_affine="norm.weight" in sd)
+        """Build from a diffusers state dict (``linear.weight``, optional ``linear.bias`` and ``norm.*``).
+
+        ``norm``/``eps`` as the diffusers module was configured; a missing ``linear.bias`` means
+        ``bias=False``. The module takes the state dict's dtype and device (no rounding to float32).
+        """
+        weight = sd.get("linear.weight")
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[0] % 2:
+            raise ValueError(
+                f"sd must hold 'linear.weight' of shape (2 * dim, cond_dim), got keys {sorted(sd)}"
+            )
+        two_dim, cond_dim = weight.shape
+        module = cls(
+            two_dim // 2,
+            cond_dim,
+            norm=norm,
+            eps=eps,
+            elementwise_affine="norm.weight" in sd,
+            bias="linear.bias" in sd,
+        )
+        module.to(dtype=weight.dtype, device=weight.device)
         module.load_state_dict(adaln_continuous_from_diffusers(sd))
         return module
 
