@@ -8,53 +8,78 @@ import torch
 import torch.nn.functional as F
 
 from adaln.nn.blocks import AdaLNZeroResidualBlock
-from adaln.nn.hyena import Hyena, fft_long_conv
+from adaln.nn.hyena import Hyena, fft_long_conv, filter_positions
 from adaln.nn.mlp import Mlp
 
 F64 = torch.float64
 
 
 def direct_conv(u, k, mode):
-    """y[b, t, c] = sum_s k[b, idx(t, s), c] u[b, s, c] by explicit loops over output and input positions."""
-    sizes = u.shape[1:-1]
+    """y[b, t, c] = sum_s k[b, idx(t, s), c] u[b, s, c] by explicit loops over output and input positions.
+
+    Kernel index of offset d = t - s per axis (nvSubquadratic ops/fftconv.py, ops/circular_fftconv.py):
+    centred d + K // 2 (zero outside 0..K-1), causal d (d >= 0), circular (d + (K - 1) // 2) mod n
+    (zero when >= K). ``mode`` is one string or one per axis ("centred" / "circular").
+    """
+    sizes, taps = u.shape[1:-1], k.shape[1:-1]
+    modes = [mode] * len(sizes) if isinstance(mode, str) else list(mode)
     y = torch.zeros_like(u)
     kb = k.expand(u.shape[0], *k.shape[1:])
     for t in itertools.product(*map(range, sizes)):
         for s in itertools.product(*map(range, sizes)):
-            if mode == "causal" and t[0] < s[0]:
-                continue
-            if mode == "centred":
-                idx = tuple(ti - si + n - 1 for ti, si, n in zip(t, s, sizes))
-            elif mode == "causal":
-                idx = (t[0] - s[0],)
-            else:
-                idx = tuple((ti - si) % n for ti, si, n in zip(t, s, sizes))
-            y[(slice(None), *t)] += kb[(slice(None), *idx)] * u[(slice(None), *s)]
+            idx = []
+            for ti, si, n, kk, m in zip(t, s, sizes, taps, modes):
+                if m == "centred":
+                    idx.append(ti - si + kk // 2)
+                elif m == "causal":
+                    idx.append(ti - si)
+                else:
+                    idx.append((ti - si + (kk - 1) // 2) % n)
+            if all(0 <= j < kk for j, kk in zip(idx, taps)):
+                y[(slice(None), *t)] += kb[(slice(None), *idx)] * u[(slice(None), *s)]
     return y
 
 
+# (sizes, mode, taps): odd and even sizes, full and shorter kernels, per-axis mixed boundaries.
 CONV_CASES = [
-    ((7,), "centred"),
-    ((9,), "causal"),
-    ((7,), "circular"),
-    ((5, 7), "centred"),
-    ((5, 3), "circular"),
-    ((3, 5, 7), "centred"),
-    ((3, 5, 3), "circular"),
+    ((7,), "centred", (13,)),
+    ((6,), "centred", (5,)),
+    ((9,), "causal", (9,)),
+    ((7,), "circular", (7,)),
+    ((6,), "circular", (6,)),
+    ((6,), "circular", (5,)),
+    ((5, 7), "centred", (9, 13)),
+    ((5, 4), "circular", (5, 3)),
+    ((4, 5), ("circular", "centred"), (3, 9)),
+    ((3, 5, 7), "centred", (5, 9, 13)),
+    ((3, 5, 4), "circular", (3, 5, 4)),
+    ((3, 4, 5), ("centred", "circular", "circular"), (5, 3, 5)),
 ]
 
 
-@pytest.mark.parametrize("sizes,mode", CONV_CASES)
+@pytest.mark.parametrize("sizes,mode,taps", CONV_CASES)
 @pytest.mark.parametrize("kernel_batch", [1, 2])
-def test_fft_long_conv_matches_direct_convolution(sizes, mode, kernel_batch):
+def test_fft_long_conv_matches_direct_convolution(sizes, mode, taps, kernel_batch):
     u = torch.randn(2, *sizes, 3, dtype=F64)
-    taps = tuple(2 * n - 1 for n in sizes) if mode == "centred" else sizes
     k = torch.randn(kernel_batch, *taps, 3, dtype=F64)
-    y = fft_long_conv(u, k, spatial_dims=len(sizes), causal=mode == "causal", circular=mode == "circular")
+    modes = [mode] * len(sizes) if isinstance(mode, str) else mode
+    circular = tuple(m == "circular" for m in modes)
+    y = fft_long_conv(u, k, spatial_dims=len(sizes), causal=mode == "causal", circular=circular)
     ref = direct_conv(u, k, mode)
     err = (y - ref).abs().max().item()
     assert y.dtype == F64 and y.shape == u.shape
     assert err < 1e-12, err
+
+
+def test_fft_long_conv_circular_kernel_is_centred():
+    """A circular kernel with a single one at index (K - 1) // 2 is the identity (offset 0)."""
+    u = torch.randn(1, 6, 5, 2, dtype=F64)
+    k = torch.zeros(1, 5, 5, 2, dtype=F64)
+    k[0, 2, 2] = 1.0
+    assert torch.allclose(fft_long_conv(u, k, spatial_dims=2, circular=True), u, atol=1e-12)
+    k = torch.zeros(1, 6, 5, 2, dtype=F64)
+    k[0, 2, 2] = 1.0  # K = 6 on the first axis: centre (6 - 1) // 2 = 2 as well
+    assert torch.allclose(fft_long_conv(u, k, spatial_dims=2, circular=True), u, atol=1e-12)
 
 
 def test_fft_long_conv_half_precision_runs_in_fp32():
@@ -68,8 +93,14 @@ def test_fft_long_conv_half_precision_runs_in_fp32():
 
 def test_fft_long_conv_rejects_bad_shapes():
     u = torch.randn(2, 5, 3)
-    with pytest.raises(ValueError, match=r"k must be \(1 or 2, \*\(9,\), 3\)"):
-        fft_long_conv(u, torch.randn(1, 5, 3), spatial_dims=1)
+    with pytest.raises(ValueError, match=r"k must be \(1 or 2, \*K, 3\) with K <= S on circular axes"):
+        fft_long_conv(u, torch.randn(1, 10, 3), spatial_dims=1)
+    with pytest.raises(ValueError, match=r"k must be .* K <= S on circular axes"):
+        fft_long_conv(u, torch.randn(1, 6, 3), spatial_dims=1, circular=True)
+    with pytest.raises(ValueError, match=r"with K = S"):
+        fft_long_conv(u, torch.randn(1, 4, 3), spatial_dims=1, causal=True)
+    with pytest.raises(ValueError, match="circular must be a bool or 2 bools"):
+        fft_long_conv(torch.randn(1, 3, 3, 2), torch.randn(1, 3, 3, 2), spatial_dims=2, circular=(True,))
     with pytest.raises(ValueError, match="u must be"):
         fft_long_conv(u, torch.randn(1, 9, 3), spatial_dims=2)
     with pytest.raises(ValueError, match="causal=True needs spatial_dims=1"):
@@ -83,12 +114,16 @@ def test_fft_long_conv_rejects_bad_shapes():
 # ---------------------------------------------------------------------------------------------------
 
 
-def ref_filter(f, sizes, centred, cond=None):
-    """safari HyenaFilter: [t, cos fw, -sin fw] -> (Linear, Sin) x 3 (+ FiLM) -> Linear, * exp(-|delta| t)."""
+def ref_filter(f, sizes, mode, cond=None):
+    """safari HyenaFilter: [t, cos fw, -sin fw] -> (Linear, Sin) x 3 (+ FiLM) -> Linear, * exp(-|delta| t).
+
+    Taps: offsets -(n-1)..n-1 (centred), 0..n-1 (causal), -((n-1)//2)..n//2 (circular); t = offset/(n-1).
+    """
     bands = torch.linspace(1e-4, 3, 4, dtype=F64)  # 4 bands: f = 1e-4, 1, 2, 3
     axes_feats, axes_t = [], []
     for n in sizes:
-        m = torch.arange(-(n - 1), n, dtype=F64) if centred else torch.arange(n, dtype=F64)
+        bounds = {"centred": (-(n - 1), n - 1), "causal": (0, n - 1), "circular": (-((n - 1) // 2), n // 2)}
+        m = torch.arange(bounds[mode][0], bounds[mode][1] + 1, dtype=F64)
         w = 2 * math.pi * m / len(m)
         axes_t.append(m / max(n - 1, 1))
         fw = w[:, None] * bands
@@ -131,7 +166,7 @@ def ref_hyena(m, x, cond=None):
     chunks = [u[..., i * c : (i + 1) * c] for i in range(m.order + 1)]
     v = chunks[-1]
     mode = "causal" if m.causal else "circular" if m.circular else "centred"
-    k = ref_filter(m.filter, x.shape[1:-1], mode == "centred", cond)
+    k = ref_filter(m.filter, x.shape[1:-1], mode, cond)
     for n in range(m.order):
         k_n, d_n = k[..., n * c : (n + 1) * c], m.filter.bias[n * c : (n + 1) * c]
         v = chunks[n] * (direct_conv(v, k_n, mode) + d_n * v)
@@ -203,6 +238,15 @@ def test_causal_hyena_ignores_the_future():
     y, y2 = m(x), m(x2)
     assert torch.allclose(y[:, :5], y2[:, :5], atol=1e-6)
     assert (y[:, 5:] - y2[:, 5:]).abs().max() > 1e-3
+
+
+def test_circular_filter_taps_are_the_shortest_signed_offsets():
+    """Periodic boundary: the neighbour at offset -1 is as near as the one at +1 (same t, same window)."""
+    for n in (5, 6):
+        _, t = filter_positions((n,), mode="circular", dtype=F64)
+        c = (n - 1) // 2  # kernel index of offset 0 in fft_long_conv's circular mode
+        assert t[c, 0] == 0 and t[c - 1, 0] == -t[c + 1, 0] == -1 / (n - 1)
+        assert torch.equal(t[:, 0] * (n - 1), torch.arange(-c, n - c, dtype=F64))
 
 
 def test_circular_hyena_is_shift_equivariant():

@@ -5,7 +5,9 @@ with the filter parametrisation of HazyResearch/safari ``src/models/sequence/hye
 (``PositionalEmbedding``, ``Sin``, ``ExponentialModulation``, ``HyenaFilter``, ``fftconv_ref``), extended
 to N-D token grids as in NVIDIA nvSubquadratic (filters over relative offsets, centred "same" FFT
 convolution), and FiLM kernel conditioning as in nvSubquadratic ``modules/film.py``
-(``KernelFiLMGenerator``: FiLM after every sine layer of the filter MLP, identity at init).
+(``KernelFiLMGenerator``: FiLM after every sine layer of the filter MLP, identity at init). This is
+*not* nvSubquadratic's own Hyena operator (a QKV-gated CKConv with SIREN / random-Fourier kernels):
+that one is ``adaln.nn.ckconv.HyenaND``.
 
 Forward (``x`` channels-last (B, *spatial, C), N = ``order``)::
 
@@ -17,12 +19,16 @@ Forward (``x`` channels-last (B, *spatial, C), N = ``order``)::
 Deliberate differences from safari: N long filters for order N (the paper's recurrence; safari's code
 applies N - 1 long filters with the gate before the convolution); filter positions are normalised by
 the actual grid size instead of a fixed ``l_max`` (any size works, no cache); the positional features
-and the decay rates are computed on the fly (safari registers them with learning rate ~0 / 0).
+and the decay rates are computed on the fly (safari registers them with learning rate ~0 / 0). With
+``circular=True`` the n filter taps are the shortest signed offsets -((n-1)//2)..n//2, indexed as in
+nvSubquadratic's circular FFT convolution (kernel index j is offset j - (n-1)//2).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,58 +47,88 @@ FILM_HIDDEN = 64
 
 
 def fft_long_conv(
-    u: Tensor, k: Tensor, *, spatial_dims: int, causal: bool = False, circular: bool = False
+    u: Tensor,
+    k: Tensor,
+    *,
+    spatial_dims: int,
+    causal: bool = False,
+    circular: bool | Sequence[bool] = False,
 ) -> Tensor:
     """Depthwise long convolution ``y[t] = sum_s k[t - s] u[s]`` over every token axis, by FFT.
 
-    u: (B, *S, C) channels-last. k: (1 or B, *K, C), one filter per channel (and per sample if B):
-      - default (centred, zero boundary): K = 2*S - 1 per axis, ``k[j]`` is offset ``j - (S - 1)``;
-        every output sees every input. FFT size 2*S per axis: the linear convolution has 3*S - 2 terms
-        and the kept window [S - 1, 2*S - 2] never aliases, so there is no wrap-around.
-      - ``causal`` (1-D only): K = S, offsets 0..S-1, output t sees inputs s <= t (FFT size 2*S).
-      - ``circular``: K = S, offsets taken modulo S on every axis (periodic boundary, FFT size S).
+    u: (B, *S, C) channels-last. k: (1 or B, *K, C), one filter per channel (and per sample if B).
+    Per axis of size S, kernel index j holds offset (as in nvSubquadratic ``ops/fftconv.py`` and
+    ``ops/circular_fftconv.py``):
+      - zero boundary (default): K <= 2*S - 1 taps, offset ``j - K // 2`` (centred; K = 2*S - 1 lets
+        every output see every input). FFT size S + (K + 1) // 2: the kept window never aliases.
+      - ``circular`` (True, or one bool per axis): K <= S taps, offset ``j - (K - 1) // 2`` taken
+        modulo S (periodic boundary, FFT size S); taps K..S-1 are zero.
+      - ``causal`` (1-D only): K = S, offset ``j`` (0..S-1), output t sees inputs s <= t (FFT size 2*S).
     Computed in float32 for half-precision inputs (float64 stays float64); returns u's dtype and shape.
     """
     _check_spatial_dims(spatial_dims)
-    if causal and (circular or spatial_dims != 1):
+    periodic = (bool(circular),) * spatial_dims if isinstance(circular, bool) else tuple(circular)
+    if len(periodic) != spatial_dims or not all(isinstance(p, bool) for p in periodic):
+        raise ValueError(f"circular must be a bool or {spatial_dims} bools (one per token axis), got {circular!r}")
+    if causal and (any(periodic) or spatial_dims != 1):
         raise ValueError("causal=True needs spatial_dims=1 and circular=False")
     check_tensor(u, "u")
     check_tensor(k, "k")
     if u.dim() != spatial_dims + 2:
         raise ValueError(f"u must be (B, *spatial, C) with {spatial_dims} token axes, got {tuple(u.shape)}")
-    sizes = tuple(u.shape[1:-1])
-    taps = sizes if causal or circular else tuple(2 * n - 1 for n in sizes)
+    sizes, taps = tuple(u.shape[1:-1]), tuple(k.shape[1:-1])
     b, c = u.shape[0], u.shape[-1]
-    if k.dim() != u.dim() or k.shape[0] not in (1, b) or tuple(k.shape[1:]) != (*taps, c):
+    limits = tuple(n if causal or p else 2 * n - 1 for n, p in zip(sizes, periodic))
+    bad_taps = len(taps) != spatial_dims or any(
+        not 1 <= kk <= m or (causal and kk != m) for kk, m in zip(taps, limits)
+    )
+    if k.dim() != u.dim() or k.shape[0] not in (1, b) or k.shape[-1] != c or bad_taps:
+        want = "K = S" if causal else "K <= S on circular axes, K <= 2*S - 1 on zero-padded axes"
         raise ValueError(
-            f"k must be (1 or {b}, *{taps}, {c}) for u of shape {tuple(u.shape)}, got {tuple(k.shape)}"
+            f"k must be (1 or {b}, *K, {c}) with {want} for u of shape {tuple(u.shape)}, got {tuple(k.shape)}"
         )
     dtype = torch.promote_types(torch.promote_types(u.dtype, k.dtype), torch.float32)
     axes = tuple(range(1, spatial_dims + 1))
-    fft_shape = sizes if circular else tuple(2 * n for n in sizes)
+    if causal:
+        fft_shape = (2 * sizes[0],)
+    else:
+        fft_shape = tuple(n if p else n + (kk + 1) // 2 for n, kk, p in zip(sizes, taps, periodic))
     u_f = torch.fft.rfftn(u.to(dtype), s=fft_shape, dim=axes)
     k_f = torch.fft.rfftn(k.to(dtype), s=fft_shape, dim=axes)
     y = torch.fft.irfftn(u_f * k_f, s=fft_shape, dim=axes)
-    if not (causal or circular):
-        y = y[(slice(None), *(slice(n - 1, 2 * n - 1) for n in sizes))]
-    elif causal:
-        y = y[:, : sizes[0]]
+    if causal:
+        return y[:, : sizes[0]].to(u.dtype)
+    # Zero-padded axes: keep the window starting at the centre tap K // 2. Circular axes: move the
+    # centre tap (K - 1) // 2 to offset 0 by a periodic shift.
+    window = (slice(0, n) if p else slice(kk // 2, kk // 2 + n) for n, kk, p in zip(sizes, taps, periodic))
+    y = y[(slice(None), *window)]
+    shifts = [-((kk - 1) // 2) for kk, p in zip(taps, periodic) if p]
+    if any(shifts):
+        y = torch.roll(y, shifts=shifts, dims=[a for a, p in zip(axes, periodic) if p])
     return y.to(u.dtype)
 
 
 def filter_positions(
-    sizes: tuple[int, ...], *, centred: bool, dtype: torch.dtype, device: torch.device | None = None
+    sizes: tuple[int, ...],
+    *,
+    mode: Literal["centred", "causal", "circular"],
+    dtype: torch.dtype,
+    device: torch.device | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Positional features of the filter taps: (features (*K, d*(2*EMB_BANDS+1)), t (*K, d)).
 
-    Per axis of size n the taps are offsets m = -(n-1)..n-1 (``centred``) or 0..n-1; safari's features
-    ``[t, cos(f w), -sin(f w)]`` with t = m / (n - 1) in [-1, 1] (or [0, 1]) and w = 2*pi*m / K
-    (K taps: one period over the filter support).
+    Per axis of size n the taps are the offsets ``fft_long_conv`` gives them: m = -(n-1)..n-1
+    (``centred``), 0..n-1 (``causal``) or -((n-1)//2)..n//2 (``circular``: every offset modulo n once,
+    the shortest signed one). safari's features ``[t, cos(f w), -sin(f w)]`` with t = m / (n - 1)
+    (the same t for the same offset in every mode) and w = 2*pi*m / K (K taps: one period over the
+    filter support).
     """
     feats, times = [], []
     bands = torch.linspace(1e-4, EMB_BANDS - 1, EMB_BANDS, dtype=dtype, device=device)
     for n in sizes:
-        m = torch.arange(-(n - 1) if centred else 0, n, dtype=dtype, device=device)
+        first = {"centred": -(n - 1), "causal": 0, "circular": -((n - 1) // 2)}[mode]
+        last = n // 2 if mode == "circular" else n - 1
+        m = torch.arange(first, last + 1, dtype=dtype, device=device)
         t = m / max(n - 1, 1)
         w = 2 * math.pi * m / m.numel()
         fw = w[:, None] * bands
@@ -127,7 +163,9 @@ class KernelFiLM(nn.Module):
 
     ``Linear(cond_dim, 64) -> GELU -> Linear(64, layers * 2 * hidden)``, chunked per layer as
     (delta, beta) with gamma = 1 + delta. Output weights and biases start at zero, so gamma = 1 and
-    beta = 0 exactly: the conditioned filter equals the unconditioned one at init.
+    beta = 0 exactly: the conditioned filter equals the unconditioned one at init. Deliberate layout
+    difference: nvSubquadratic keeps gamma itself in the output (its bias starts at 1); the map is the
+    same. ``adaln.nn.ckconv.KernelFiLMGenerator`` has nvSubquadratic's layout.
     """
 
     def __init__(self, cond_dim: int, hidden: int, layers: int) -> None:
@@ -180,16 +218,20 @@ class HyenaFilter(nn.Module):
         return torch.linspace(slow, fast, self.channels, dtype=dtype, device=device).abs()
 
     def forward(
-        self, sizes: tuple[int, ...], *, centred: bool, film: list[tuple[Tensor, Tensor]] | None = None
+        self,
+        sizes: tuple[int, ...],
+        *,
+        mode: Literal["centred", "causal", "circular"],
+        film: list[tuple[Tensor, Tensor]] | None = None,
     ) -> Tensor:
         """Filters for a grid of ``sizes``: (1, *K, channels), or (B, *K, channels) with FiLM params.
 
-        K = 2*n - 1 per axis when ``centred`` (offsets -(n-1)..n-1), else n. ``film``: one (gamma, beta)
-        pair of (B, hidden) per layer (from ``self.film``). Computed in float32 or wider.
+        K = 2*n - 1 per axis when ``centred``, else n (taps as in ``filter_positions``). ``film``: one
+        (gamma, beta) pair of (B, hidden) per layer (from ``self.film``). Computed in float32 or wider.
         """
         dtype = torch.promote_types(self.out.weight.dtype, torch.float32)
         device = self.out.weight.device
-        z, t = filter_positions(sizes, centred=centred, dtype=dtype, device=device)
+        z, t = filter_positions(sizes, mode=mode, dtype=dtype, device=device)
         h = z.unsqueeze(0)
         for i, layer in enumerate(self.layers):
             h = self.act(_linear(layer, h))
@@ -301,7 +343,8 @@ class Hyena(nn.Module):
         if conditioning is not None and conditioning.stride(0) == 0:
             conditioning = conditioning[:1]  # expanded over the batch (a constant): one shared filter
         film = self.filter.film_params(conditioning, x.shape[0])
-        k = self.filter(sizes, centred=not (self.causal or self.circular), film=film)
+        mode = "causal" if self.causal else "circular" if self.circular else "centred"
+        k = self.filter(sizes, mode=mode, film=film)
         filters, skips = k.split(self.dim, dim=-1), self.filter.bias.split(self.dim)
         for x_n, k_n, d_n in zip(gates, filters, skips):
             conv = fft_long_conv(
