@@ -1,7 +1,9 @@
 """adaln.data.ccd: CCD molecules, features, split, cache files and errors."""
 
+import gc
 import hashlib
 import itertools
+import weakref
 
 import numpy as np
 import pytest
@@ -188,6 +190,47 @@ def test_collate_pads_and_centres(mols):
     assert batch.pair_codes[0, 6:].abs().sum() == 0 and batch.pair_codes[0, :, 6:].abs().sum() == 0
     np.testing.assert_array_equal(batch.pair_codes[1].numpy(), ccd.pair_codes(mols["ATP"]))
 
+
+def uncached_collate(mols, dtype):
+    """``collate_molecules`` as it was before the per-molecule feature cache."""
+    b, n = len(mols), max(m.num_atoms for m in mols)
+    coords = np.zeros((b, n, 3))
+    atom = np.zeros((b, n, ccd.ATOM_FEATURES_DIM), dtype=np.float32)
+    codes = np.zeros((b, n, n, 4), dtype=np.int64)
+    mask = np.zeros((b, n), dtype=bool)
+    for k, m in enumerate(mols):
+        a = m.num_atoms
+        coords[k, :a] = m.coords - m.coords.mean(0)
+        atom[k, :a] = ccd.atom_features(m)
+        codes[k, :a, :a] = ccd.pair_codes(m)
+        mask[k, :a] = True
+    return [torch.from_numpy(coords).to(dtype), torch.from_numpy(atom).to(dtype), torch.from_numpy(codes),
+            torch.from_numpy(mask)]
+
+
+def test_collate_with_cached_features_is_bitwise_uncached(tmp_path, mols):
+    ccd.write_molecules(tmp_path / "m", [mols["HEM"], mols["NPH"]])
+    batch_mols = [mols["ATP"], mols["ALA"], *ccd.read_molecules(tmp_path / "m"), mols["BEN"], mols["ALA"]]
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        ref = uncached_collate(batch_mols, dtype)
+        for _ in range(2):  # computes the features, then reads them back
+            batch = ccd.collate_molecules(batch_mols, dtype)
+            got = [batch.coords, batch.atom_feats, batch.pair_codes, batch.mask]
+            for g, r in zip(got, ref):
+                assert g.dtype == r.dtype and g.shape == r.shape
+                assert g.view(torch.uint8).numpy().tobytes() == r.view(torch.uint8).numpy().tobytes()
+    feats = ccd.molecule_features(mols["ATP"])
+    assert feats is ccd.molecule_features(mols["ATP"])
+    assert feats.atom.dtype == feats.pair.dtype == np.int8 and not feats.pair.flags.writeable
+
+
+def test_feature_cache_does_not_keep_molecules_alive():
+    mol = ccd.load_component("SER")
+    ccd.molecule_features(mol)
+    ref = weakref.ref(mol)
+    del mol
+    gc.collect()
+    assert ref() is None
 
 def test_coordinate_rms_by_hand(mols):
     ala = mols["ALA"]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adaln.data.ccd.features import ATOM_FEATURES_DIM, atom_features, pair_codes
+from adaln.data.ccd.features import ATOM_FEATURES_DIM, molecule_features
 from adaln.data.ccd.molecule import Molecule
 
 
@@ -35,7 +35,8 @@ class ConformerBatch:
 
 
 def collate_molecules(mols: list[Molecule], dtype: torch.dtype = torch.float32) -> ConformerBatch:
-    """Pad ``mols`` to the largest one; see ``ConformerBatch``."""
+    """Pad ``mols`` to the largest one; see ``ConformerBatch``. Features come from ``molecule_features``
+    (computed once per molecule)."""
     if not isinstance(mols, (list, tuple)) or not mols or not all(isinstance(m, Molecule) for m in mols):
         raise TypeError("mols must be a non-empty list of adaln.data.ccd.Molecule")
     b, n = len(mols), max(m.num_atoms for m in mols)
@@ -44,10 +45,10 @@ def collate_molecules(mols: list[Molecule], dtype: torch.dtype = torch.float32) 
     codes = np.zeros((b, n, n, 4), dtype=np.int64)
     mask = np.zeros((b, n), dtype=bool)
     for k, m in enumerate(mols):
-        a = m.num_atoms
+        a, feats = m.num_atoms, molecule_features(m)
         coords[k, :a] = m.coords - m.coords.mean(0)
-        atom[k, :a] = atom_features(m)
-        codes[k, :a, :a] = pair_codes(m)
+        atom[k, :a] = feats.atom
+        codes[k, :a, :a] = feats.pair
         mask[k, :a] = True
     return ConformerBatch(
         torch.from_numpy(coords).to(dtype), torch.from_numpy(atom).to(dtype), torch.from_numpy(codes),

@@ -12,9 +12,13 @@ from adaln.data.ccd.graph import neighbour_lists, smallest_rings, topological_di
 ELEMENTS = ("C", "N", "O", "S", "P", "F", "CL", "BR", "I", "B", "SE", "SI", "FE")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Molecule:
-    """Heavy-atom graph and ideal conformer of one CCD component (N atoms, E bonds, indices local)."""
+    """Heavy-atom graph and ideal conformer of one CCD component (N atoms, E bonds, indices local).
+
+    Compared and hashed by identity (array fields have no single truth value), which lets derived
+    features be cached per molecule (``molecule_features``).
+    """
 
     comp_id: str
     atom_names: tuple[str, ...]  # (N,)
