@@ -489,7 +489,9 @@ def test_relative_encoding_has_139_channels_and_matches_reference():
 
 
 def test_diffusion_conditioning_matches_reference():
-    module = randomize_(DiffusionConditioning(c_single=8, c_pair=4, c_s_inputs=5).to(F64))
+    # Conditioning widths (6, 3) differ from the trunk widths (8, 4), as the official config allows.
+    module = DiffusionConditioning(c_single=8, c_pair=4, c_s_inputs=5, c_single_cond=6, c_pair_cond=3)
+    module = randomize_(module.to(F64))
     f = toy_structure()
     s_trunk, s_inputs = torch.randn(5, 8, dtype=F64), torch.randn(5, 5, dtype=F64)
     z_trunk = torch.randn(5, 5, 4, dtype=F64)
@@ -501,7 +503,7 @@ def test_diffusion_conditioning_matches_reference():
         single_conditioning(p, "diffusion_head", s, s_trunk.numpy(), s_inputs.numpy(), *fourier)
         for s in sigma.numpy()
     ])
-    assert single.shape == (3, 5, 8)
+    assert single.shape == (3, 5, 6) and pair.shape == (5, 5, 3)
     assert max_err(single, ref_single) < TOL
     assert max_err(pair, pair_conditioning(p, "diffusion_head", z_trunk.numpy(), f)) < TOL
 
@@ -519,12 +521,31 @@ def test_key_windows_match_official_featurisation(num_valid):
         np.testing.assert_array_equal(index[0].numpy(), ours)
 
 
-@pytest.mark.parametrize("with_trunk", [True, False])
-def test_atom_encoder_matches_reference(with_trunk):
+def dense_token_atoms(f, num_tokens, slot=None, width=24):
+    """The official (tokens, 24) layout of ``ref_space_uid`` (0 in empty slots).
+
+    slot: each real atom's slot; None = its rank within its token (no gaps).
+    """
+    real = f["atom_mask"] > 0
+    tokens = f["atom_to_token"][real]
+    if slot is None:
+        slot = np.array([int((tokens[:i] == t).sum()) for i, t in enumerate(tokens)])
+    dense = np.zeros((num_tokens, width), int)
+    dense[tokens, slot] = f["ref_space_uid"][real]
+    return dense
+
+
+@pytest.mark.parametrize("with_trunk, uid_gather", [(True, "token_atoms"), (False, "token_atoms"), (True, "queries")])
+def test_atom_encoder_matches_reference(with_trunk, uid_gather):
     f = toy_structure()
     c_trunk = (8, 4) if with_trunk else (None, None)
-    module = AtomAttentionEncoder(8, 4, 16, *c_trunk, num_blocks=2, num_heads=2)
+    # Attention key/value widths (6, 10) and transition factor 3 differ from the atom width 8.
+    module = AtomAttentionEncoder(
+        8, 4, 16, *c_trunk, num_blocks=2, num_heads=2, uid_gather=uid_gather, key_dim=6, value_dim=10,
+        transition_factor=3,
+    )
     randomize_(module.to(F64), seed=5)
+    dense_uid = dense_token_atoms(f, 5) if uid_gather == "token_atoms" else None
     g = torch.Generator().manual_seed(8)
     s_trunk, pair = torch.randn(5, 8, generator=g, dtype=F64), torch.randn(5, 5, 4, generator=g, dtype=F64)
     positions = torch.randn(22, 3, generator=g, dtype=F64) if with_trunk else None
@@ -532,29 +553,33 @@ def test_atom_encoder_matches_reference(with_trunk):
     enc = module(torch_features(f), positions, *inputs)
     ref, _ = atom_encoder(
         numpy_params(module, "diffusion"), "diffusion", f, None if positions is None else positions.numpy(),
-        *(None if t is None else t.numpy() for t in inputs), 160, True, 5,
+        *(None if t is None else t.numpy() for t in inputs), 160, True, 5, dense_uid,
     )
     assert enc.token_act.shape == (5, 16)
     assert max_err(enc.token_act, ref) < TOL
 
 
 def _diffusion_module_case(mask_mode, atoms_per_token, padded_slots, num_samples=2, seed=0,
-                           uid_gather="queries"):
+                           uid_gather=None, gaps=False):
+    """Our module (``uid_gather`` None: its default) against the reference (the official gather unless
+    ``uid_gather='queries'``); ``gaps``: slots in the 24-wide layout skip one, as a missing atom does."""
     torch.manual_seed(seed)
     n = len(atoms_per_token)
     f = toy_structure(n, atoms_per_token, padded_slots, seed=seed, chains=(0,) * n)
     f["residue_index"], f["entity_id"], f["sym_id"] = np.arange(n), np.zeros(n, int), np.zeros(n, int)
-    token_atoms_uid = None
-    if uid_gather == "token_atoms":
-        # Slot of each atom in its token's 24-wide dense layout, with gaps like missing atoms leave.
+    slot = None
+    if gaps:
         slots = [np.arange(k) + (k < 20) for k in atoms_per_token]
         f["token_atom_slot"] = np.concatenate(slots + [np.zeros(padded_slots, int)])
-        token_atoms_uid = np.zeros((n, 24), int)
-        real = f["atom_mask"] > 0
-        token_atoms_uid[f["atom_to_token"][real], f["token_atom_slot"][real]] = f["ref_space_uid"][real]
+        slot = f["token_atom_slot"][f["atom_mask"] > 0]
+    token_atoms_uid = None if uid_gather == "queries" else dense_token_atoms(f, n, slot)
+    kwargs = {} if uid_gather is None else dict(uid_gather=uid_gather)
+    # Every width the official config sets apart from another is set apart here.
     module = DiffusionModule(
         c_token=16, c_single=8, c_pair=4, c_s_inputs=5, c_atom=8, c_atompair=4, num_blocks=2, num_heads=2,
-        super_block_size=1, atom_blocks=2, atom_heads=2, mask_mode=mask_mode, uid_gather=uid_gather,
+        super_block_size=1, atom_blocks=2, atom_heads=2, mask_mode=mask_mode, **kwargs,
+        c_single_cond=6, c_pair_cond=3, transition_factor=3, key_dim=12, value_dim=6, atom_transition_factor=1,
+        atom_key_dim=6, atom_value_dim=10,
     )
     randomize_(module.to(F64), seed=seed)
     a = len(f["atom_mask"])
@@ -587,7 +612,8 @@ def test_diffusion_module_matches_reference_few_atoms(mask_mode):
 
 def test_diffusion_module_matches_reference_shifted_windows():
     # More than 128 real atoms: the edge windows shift inside the real atoms.
-    out, ref, _ = _diffusion_module_case("official", (40, 35, 50, 30, 25), padded_slots=5, num_samples=1)
+    atoms = (20, 18, 22, 15, 24, 19, 21, 17, 16, 10)
+    out, ref, _ = _diffusion_module_case("official", atoms, padded_slots=5, num_samples=1)
     assert max_err(out, ref) < TOL
 
 
@@ -598,10 +624,61 @@ def test_official_mask_lets_real_atoms_see_padded_keys():
     assert (out_official[:, real] - out_corrected[:, real]).abs().max() > 1e-6
 
 
-def test_diffusion_module_reproduces_released_uid_gather():
-    # >= 128 real atoms, at most 24 per token: the released same-frame flag is reproduced exactly.
-    atoms = (20, 18, 22, 15, 24, 19, 21, 17, 16, 10)
-    out, ref, _ = _diffusion_module_case("official", atoms, 4, num_samples=1, uid_gather="token_atoms")
+def test_diffusion_module_reproduces_released_uid_gather_by_default():
+    # 12 tokens, 150 real atoms with gaps in the 24-wide layout: the default is the official gather.
+    atoms = (14, 12, 13, 11, 15, 12, 10, 14, 13, 12, 11, 13)
+    out, ref, _ = _diffusion_module_case("official", atoms, 4, num_samples=1, gaps=True)
     assert max_err(out, ref) < TOL
-    consistent, _, _ = _diffusion_module_case("official", atoms, padded_slots=4, num_samples=1)
+    consistent, _, _ = _diffusion_module_case("official", atoms, 4, num_samples=1, uid_gather="queries",
+                                              gaps=True)
     assert (out - consistent).abs().max() > 1e-6  # the two gathers do differ
+
+
+def official_offsets_valid(f, num_tokens, slot, padded, released=True):
+    """``offsets_valid`` of ``atom_cross_att_encoder`` on the official (tokens, 24) layout, (S, 32, 128).
+
+    released: the keys' uid read from the token-atom layout with the queries->keys indices (every commit
+    of atom_cross_attention.py; jit clamps the out-of-range gather); else token -> queries -> keys.
+    """
+    dense = dense_token_atoms(f, num_tokens, slot).astype(np.float64).reshape(-1)
+    real = f["atom_mask"] > 0
+    n_valid = int(real.sum())
+    queries_uid = np.zeros(padded)  # token_atoms_to_queries: real atoms in layout order, 0 at padding
+    queries_uid[:n_valid] = dense[f["atom_to_token"][real] * 24 + slot]
+    idxs, mask = atom_cross_att_gathers(n_valid, padded)
+    source = dense if released else queries_uid
+    keys_uid = source[np.minimum(idxs, len(source) - 1)] * mask
+    return queries_uid.reshape(-1, 32)[:, :, None] == keys_uid[:, None, :]
+
+
+def _same_frame_flag(f, uid_gather=None):
+    """Our encoder's same-frame flag, read off its pair features with every other term zeroed."""
+    kwargs = {} if uid_gather is None else dict(uid_gather=uid_gather)
+    module = AtomAttentionEncoder(8, 2, 16, None, None, num_blocks=1, num_heads=2, **kwargs).to(F64)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+        module.embed_pair_offsets_valid.weight.fill_(1.0)
+    return module(torch_features(f)).pair[0, ..., 0].detach().numpy()
+
+
+def test_default_same_frame_flag_is_the_official_gather():
+    # 12 tokens, 150 real atoms, gaps in the 24-wide layout: there the two gathers disagree.
+    atoms = (14, 12, 13, 11, 15, 12, 10, 14, 13, 12, 11, 13)
+    f = toy_structure(12, atoms, padded_slots=4, chains=(0,) * 12)
+    f["token_atom_slot"] = np.concatenate([np.arange(k) + (k < 14) for k in atoms] + [np.zeros(4, int)])
+    slot = f["token_atom_slot"][f["atom_mask"] > 0]
+    official = official_offsets_valid(f, 12, slot, padded=160)
+    consistent = official_offsets_valid(f, 12, slot, padded=160, released=False)
+    assert (official != consistent).mean() > 0.05  # the layout does tell the two apart
+    default = _same_frame_flag(f)
+    assert default.shape == official.shape
+    np.testing.assert_array_equal(default, official.astype(np.float64))
+    np.testing.assert_array_equal(_same_frame_flag(f, "token_atoms"), default)
+    queries = _same_frame_flag(f, "queries")
+    np.testing.assert_array_equal(queries, consistent.astype(np.float64))
+    assert (queries != official).any()
+    # Without token_atom_slot the slots are the atoms' ranks within their tokens (no gaps).
+    no_gaps = {k: v for k, v in f.items() if k != "token_atom_slot"}
+    rank = np.concatenate([np.arange(k) for k in atoms])
+    np.testing.assert_array_equal(_same_frame_flag(no_gaps), official_offsets_valid(f, 12, rank, 160))

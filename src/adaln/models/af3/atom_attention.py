@@ -23,12 +23,16 @@ atoms at the edges. A key window that still reaches past the real atoms (fewer t
 the last padded query, as the official gather indices do. Padded atom slots are treated exactly like the
 official zero padding: their features are ignored.
 
-Same-frame flag of atom pairs: ``uid_gather='queries'`` compares each key's own ``ref_space_uid``.
-``uid_gather='token_atoms'`` reproduces the released code (alphafold3 issue #730): the keys' uid is read
-with the flat query index from the (tokens, 24) token-atom layout, which mostly points at other atoms or
-padding. It needs ``token_atom_slot`` (..., A) int, each real atom's slot (< 24) in its token's dense
-layout; exact when there are at least 128 real atoms (smaller systems also read padding positions
-that depend on the official padding buckets).
+Same-frame flag of atom pairs (``offsets_valid``): every commit of the official
+``atom_cross_attention.py`` reads the keys' ``ref_space_uid`` from the (tokens, 24) token-atom layout with
+the flat query-to-key indices (alphafold3 issue #730: the indices address the queries layout, so most
+keys read another atom's uid or padding); the released weights were trained with it.
+``uid_gather='token_atoms'`` (the default) reproduces it; it uses ``token_atom_slot`` (..., A) int, each
+real atom's slot (< 24) in its token's dense layout, and without it takes each atom's rank within its
+token (a dense layout without gaps, as for complete residues and ligands). Exact when there are at least
+128 real atoms; smaller systems also read padding positions that depend on the official padding
+buckets. ``uid_gather='queries'`` compares each key's own uid (token -> queries -> keys, the gather
+``keys_ref_pos`` uses; the fix proposed in alphafold3 pull request #733, not in the released code).
 """
 
 from __future__ import annotations
@@ -169,8 +173,10 @@ class AtomAttentionEncoder(nn.Module):
     queries = Linear(noisy positions) + conditioning; atom-pair features from the conditioning (row/col),
     the trunk pair (zero-init projection), reference offsets, inverse squared distances and the
     same-reference-frame flag, refined by a 3-layer ReLU MLP; a 3-block CrossAttTransformer; then the
-    masked mean of ReLU(Linear(atoms)) over each token. ``c_single`` / ``c_pair`` None drop the trunk
-    inputs (as when the official code is called without them).
+    masked mean of ReLU(Linear(atoms)) over each token. ``c_single`` (the raw trunk single) /
+    ``c_pair`` (the conditioned pair) None drop the trunk inputs (as when the official code is called
+    without them). ``key_dim``, ``value_dim`` and ``transition_factor`` configure the atom transformer
+    (``AtomCrossAttEncoderConfig.atom_transformer``: 128, 128, 2 whatever ``c_atom`` is).
     """
 
     def __init__(
@@ -183,7 +189,11 @@ class AtomAttentionEncoder(nn.Module):
         num_blocks: int = 3,
         num_heads: int = 4,
         mask_mode: str = "official",
-        uid_gather: str = "queries",
+        uid_gather: str = "token_atoms",
+        *,
+        key_dim: int = 128,
+        value_dim: int = 128,
+        transition_factor: int = 2,
     ):
         super().__init__()
         if uid_gather not in UID_GATHERS:
@@ -211,7 +221,8 @@ class AtomAttentionEncoder(nn.Module):
         self.pair_mlp_2 = af3_linear(c_atompair, c_atompair, init="relu")
         self.pair_mlp_3 = af3_linear(c_atompair, c_atompair, init="zeros")
         self.atom_transformer = CrossAttTransformer(
-            c_atom, c_atom, c_atompair, num_blocks, num_heads, mask_mode
+            c_atom, c_atom, c_atompair, num_blocks, num_heads, mask_mode,
+            transition_factor=transition_factor, key_dim=key_dim, value_dim=value_dim,
         )
         self.project_atom_features_for_aggr = af3_linear(c_atom, c_token)
 
@@ -376,15 +387,19 @@ def _token_atoms_uid(
     num_tokens: int,
 ) -> Tensor:
     """The released keys' uid (issue #730): (tokens x 24) layout read at flat query indices (B, S, K)."""
-    if "token_atom_slot" not in features:
-        raise ValueError("uid_gather='token_atoms' needs features['token_atom_slot'] (..., A) int")
-    slot = torch.as_tensor(features["token_atom_slot"])
-    if slot.is_floating_point() or slot.shape != lead + uid.shape[-1:]:
-        expected = tuple(lead + uid.shape[-1:])
-        raise ValueError(f"features['token_atom_slot'] must be an integer tensor of shape {expected}")
-    slot = _flat(slot.long(), lead, 1)
+    if "token_atom_slot" in features:
+        slot = torch.as_tensor(features["token_atom_slot"])
+        if slot.is_floating_point() or slot.shape != lead + uid.shape[-1:]:
+            expected = tuple(lead + uid.shape[-1:])
+            raise ValueError(f"features['token_atom_slot'] must be an integer tensor of shape {expected}")
+        slot = _flat(slot.long().to(uid.device), lead, 1)
+    else:
+        slot = _rank_within_token(atom_to_token, mask)
     if bool(((slot < 0) | (slot >= MAX_ATOMS_PER_TOKEN))[mask > 0].any()):
-        raise ValueError(f"features['token_atom_slot'] must lie in [0, {MAX_ATOMS_PER_TOKEN})")
+        raise ValueError(
+            f"features['token_atom_slot'] must lie in [0, {MAX_ATOMS_PER_TOKEN}) (without it: at most "
+            f"{MAX_ATOMS_PER_TOKEN} atoms per token)"
+        )
     size = num_tokens * MAX_ATOMS_PER_TOKEN
     # Real atoms fill their dense slot; padded atoms write into one extra column that is dropped.
     index = torch.where(mask > 0, atom_to_token * MAX_ATOMS_PER_TOKEN + slot, torch.full_like(slot, size))
@@ -392,6 +407,22 @@ def _token_atoms_uid(
     # Under jit an out-of-range gather clamps to the last element.
     flat = key_index.flatten(1).clamp_max(size - 1)
     return dense.gather(1, flat).view_as(key_index)
+
+
+def _rank_within_token(atom_to_token: Tensor, mask: Tensor) -> Tensor:
+    """(B, A): how many real atoms of the same token come before each atom (0 for padded slots)."""
+    real = mask > 0
+    b, a = atom_to_token.shape
+    # Stable sort by token (padded slots last): a token's atoms become one run, in their input order.
+    key = torch.where(real, atom_to_token, torch.full_like(atom_to_token, atom_to_token.max() + 1))
+    order = torch.sort(key, dim=1, stable=True).indices
+    sorted_key = key.gather(1, order)
+    position = torch.arange(a, device=key.device).expand(b, a)
+    run_start = torch.ones_like(real)
+    run_start[:, 1:] = sorted_key[:, 1:] != sorted_key[:, :-1]
+    start = torch.cummax(torch.where(run_start, position, torch.zeros_like(position)), dim=1).values
+    rank = torch.empty_like(position).scatter_(1, order, position - start)
+    return torch.where(real, rank, torch.zeros_like(rank))
 
 
 def _masked_token_mean(per_atom: Tensor, atom_to_token: Tensor, mask: Tensor, num_tokens: int) -> Tensor:
@@ -408,7 +439,8 @@ class AtomAttentionDecoder(nn.Module):
 
     Broadcast Linear(token_act) to the token's atoms, add the encoder skip, run a 3-block
     CrossAttTransformer with the encoder's conditioning and pair features, then LN + Linear(-> 3) (zero
-    init). token_act: (..., N, c_token); returns (..., A, 3).
+    init). ``key_dim``, ``value_dim`` and ``transition_factor`` as in :class:`AtomAttentionEncoder`.
+    token_act: (..., N, c_token); returns (..., A, 3).
     """
 
     def __init__(
@@ -419,12 +451,17 @@ class AtomAttentionDecoder(nn.Module):
         num_blocks: int = 3,
         num_heads: int = 4,
         mask_mode: str = "official",
+        *,
+        key_dim: int = 128,
+        value_dim: int = 128,
+        transition_factor: int = 2,
     ):
         super().__init__()
         self.c_token = c_token
         self.project_token_features_for_broadcast = af3_linear(c_token, c_atom)
         self.atom_transformer = CrossAttTransformer(
-            c_atom, c_atom, c_atompair, num_blocks, num_heads, mask_mode
+            c_atom, c_atom, c_atompair, num_blocks, num_heads, mask_mode,
+            transition_factor=transition_factor, key_dim=key_dim, value_dim=value_dim,
         )
         self.atom_features_layer_norm = AF3LayerNorm(c_atom)
         self.atom_features_to_position_update = af3_linear(c_atom, 3, init="zeros")

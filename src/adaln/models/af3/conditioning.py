@@ -76,6 +76,9 @@ class DiffusionConditioning(nn.Module):
     concatenated raw, not embedded first);
     single = Linear(LN([s_trunk, s_inputs])) + Linear(LN(fourier(log(sigma / sigma_data) / 4))) + 2
     transitions. LayerNorms have a scale and no offset; Linears have no bias ('linear' init).
+    Inputs have the trunk widths ``c_single`` / ``c_pair``; outputs the conditioning widths
+    ``c_single_cond`` / ``c_pair_cond`` (``ConditioningConfig.seq_channel`` / ``pair_channel``: 384 / 128,
+    independent of the trunk's).
     """
 
     _af3_scoped = True
@@ -89,24 +92,28 @@ class DiffusionConditioning(nn.Module):
         sigma_data: float = 16.0,
         max_relative_idx: int = 32,
         max_relative_chain: int = 2,
+        *,
+        c_single_cond: int = 384,
+        c_pair_cond: int = 128,
     ):
         super().__init__()
         self.c_single, self.c_pair, self.c_s_inputs = c_single, c_pair, c_s_inputs
+        self.c_single_cond, self.c_pair_cond = c_single_cond, c_pair_cond
         self.sigma_data = sigma_data
         self.max_relative_idx, self.max_relative_chain = max_relative_idx, max_relative_chain
         c_rel = relative_encoding_dim(max_relative_idx, max_relative_chain)
         self.pair_cond_initial_norm = AF3LayerNorm(c_pair + c_rel)
-        self.pair_cond_initial_projection = af3_linear(c_pair + c_rel, c_pair)
-        self.pair_transitions = nn.ModuleList(ConditionedTransition(c_pair) for _ in range(2))
+        self.pair_cond_initial_projection = af3_linear(c_pair + c_rel, c_pair_cond)
+        self.pair_transitions = nn.ModuleList(ConditionedTransition(c_pair_cond) for _ in range(2))
         self.single_cond_initial_norm = AF3LayerNorm(c_single + c_s_inputs)
-        self.single_cond_initial_projection = af3_linear(c_single + c_s_inputs, c_single)
+        self.single_cond_initial_projection = af3_linear(c_single + c_s_inputs, c_single_cond)
         self.fourier = FourierEmbedding(c_noise)
         self.noise_embedding_initial_norm = AF3LayerNorm(c_noise)
-        self.noise_embedding_initial_projection = af3_linear(c_noise, c_single)
-        self.single_transitions = nn.ModuleList(ConditionedTransition(c_single) for _ in range(2))
+        self.noise_embedding_initial_projection = af3_linear(c_noise, c_single_cond)
+        self.single_transitions = nn.ModuleList(ConditionedTransition(c_single_cond) for _ in range(2))
 
     def pair(self, z_trunk: Tensor, token_features: Mapping[str, Tensor]) -> Tensor:
-        """Noise-independent pair conditioning: z_trunk (..., N, N, c_pair) -> (..., N, N, c_pair)."""
+        """Noise-independent pair conditioning: z_trunk (..., N, N, c_pair) -> (..., N, N, c_pair_cond)."""
         check_features(z_trunk, "z_trunk", self.c_pair, min_dim=3)
         rel = relative_encoding(token_features, self.max_relative_idx, self.max_relative_chain)
         if rel.shape[-3:-1] != z_trunk.shape[-3:-1]:
@@ -124,7 +131,7 @@ class DiffusionConditioning(nn.Module):
         """Noise-dependent single conditioning.
 
         sigma: noise level broadcastable to the leading dims of s_trunk (..., N, c_single);
-        s_inputs: (..., N, c_s_inputs). Returns (..., N, c_single).
+        s_inputs: (..., N, c_s_inputs). Returns (..., N, c_single_cond).
         """
         check_features(s_trunk, "s_trunk", self.c_single)
         check_features(s_inputs, "s_inputs", self.c_s_inputs)
@@ -154,7 +161,7 @@ class DiffusionConditioning(nn.Module):
         z_trunk: Tensor,
         token_features: Mapping[str, Tensor],
     ) -> tuple[Tensor, Tensor]:
-        """(single (..., N, c_single), pair (..., N, N, c_pair)) conditioning."""
+        """(single (..., N, c_single_cond), pair (..., N, N, c_pair_cond)) conditioning."""
         return self.single(sigma, s_trunk, s_inputs), self.pair(z_trunk, token_features)
 
     def _af3_entries(self, prefix: str) -> dict[str, Entry]:

@@ -23,7 +23,14 @@ from adaln.models.af3.atom_attention import (
 )
 from adaln.models.af3.conditioning import DiffusionConditioning
 from adaln.models.af3.params import Entry, linear_entries, norm_entries
-from adaln.models.af3.transformer import AF3LayerNorm, DiffusionTransformer, af3_linear, check_features
+from adaln.models.af3.transformer import (
+    AF3LayerNorm,
+    DiffusionTransformer,
+    af3_linear,
+    check_devices,
+    check_features,
+    check_inputs,
+)
 
 SIGMA_DATA = 16.0  # "Carefully measured by averaging multimer training set" (official).
 
@@ -39,10 +46,16 @@ class DiffusionModule(nn.Module):
     ref_element, ref_charge, ref_atom_name_chars, ref_space_uid, atom_to_token, atom_mask``), the
     token features of the relative encoding (``token_index, residue_index, asym_id, entity_id, sym_id``)
     and optionally ``token_mask`` (..., N). Their leading dims broadcast to those of ``x_noisy``
-    (e.g. one structure, several samples). Defaults are AF3's sizes; ``mask_mode='corrected'`` stops
-    real atoms from attending to padded keys (the official atom attention lets them);
-    ``uid_gather='token_atoms'`` (with ``token_atom_slot``) reproduces the released code's same-frame
-    flag (see :mod:`adaln.models.af3.atom_attention`).
+    (e.g. one structure, several samples). Defaults are the official ``DiffusionHead.Config``:
+    ``c_single`` / ``c_pair`` are the trunk widths, ``c_single_cond`` / ``c_pair_cond`` the conditioning
+    widths (``conditioning.seq_channel`` / ``pair_channel``) the transformer and the atom encoder's pair
+    use; ``transition_factor`` / ``key_dim`` / ``value_dim`` configure the token transformer
+    (``transformer``), ``atom_*`` the atom transformers (``atom_transformer``: factor 2, key and value
+    widths 128 whatever ``c_atom`` is). ``mask_mode='corrected'`` stops real atoms from attending to
+    padded keys (the official atom attention lets them); ``uid_gather='token_atoms'`` (default, with
+    ``token_atom_slot`` when a token's dense layout has gaps) reproduces the official same-frame flag,
+    ``'queries'`` the consistent gather (see :mod:`adaln.models.af3.atom_attention`).
+    Input tensors must share the module's device and (outside ``torch.autocast``) dtype.
     """
 
     _af3_scoped = True
@@ -62,22 +75,38 @@ class DiffusionModule(nn.Module):
         atom_heads: int = 4,
         sigma_data: float = SIGMA_DATA,
         mask_mode: str = "official",
-        uid_gather: str = "queries",
+        uid_gather: str = "token_atoms",
+        *,
+        c_single_cond: int = 384,
+        c_pair_cond: int = 128,
+        transition_factor: int = 2,
+        key_dim: int | None = None,
+        value_dim: int | None = None,
+        atom_transition_factor: int = 2,
+        atom_key_dim: int = 128,
+        atom_value_dim: int = 128,
     ):
         super().__init__()
         self.sigma_data = sigma_data
-        self.conditioning = DiffusionConditioning(c_single, c_pair, c_s_inputs, sigma_data=sigma_data)
-        self.atom_encoder = AtomAttentionEncoder(
-            c_atom, c_atompair, c_token, c_single, c_pair, atom_blocks, atom_heads, mask_mode, uid_gather
+        self.c_pair_cond = c_pair_cond
+        self.conditioning = DiffusionConditioning(
+            c_single, c_pair, c_s_inputs, sigma_data=sigma_data, c_single_cond=c_single_cond,
+            c_pair_cond=c_pair_cond,
         )
-        self.single_cond_embedding_norm = AF3LayerNorm(c_single)
-        self.single_cond_embedding_projection = af3_linear(c_single, c_token, init="zeros")
+        atom = dict(key_dim=atom_key_dim, value_dim=atom_value_dim, transition_factor=atom_transition_factor)
+        self.atom_encoder = AtomAttentionEncoder(
+            c_atom, c_atompair, c_token, c_single, c_pair_cond, atom_blocks, atom_heads, mask_mode,
+            uid_gather, **atom,
+        )
+        self.single_cond_embedding_norm = AF3LayerNorm(c_single_cond)
+        self.single_cond_embedding_projection = af3_linear(c_single_cond, c_token, init="zeros")
         self.transformer = DiffusionTransformer(
-            c_token, c_single, c_pair, num_blocks, num_heads, super_block_size
+            c_token, c_single_cond, c_pair_cond, num_blocks, num_heads, super_block_size,
+            transition_factor=transition_factor, key_dim=key_dim, value_dim=value_dim,
         )
         self.output_norm = AF3LayerNorm(c_token)
         self.atom_decoder = AtomAttentionDecoder(
-            c_atom, c_atompair, c_token, atom_blocks, atom_heads, mask_mode
+            c_atom, c_atompair, c_token, atom_blocks, atom_heads, mask_mode, **atom
         )
 
     def forward(
@@ -92,6 +121,13 @@ class DiffusionModule(nn.Module):
         pair_cond: Tensor | None = None,
     ) -> Tensor:
         check_features(x_noisy, "x_noisy", 3)
+        check_inputs(
+            self, x_noisy=x_noisy, s_trunk=s_trunk, s_inputs=s_inputs, z_trunk=z_trunk, pair_cond=pair_cond
+        )
+        if not isinstance(features, Mapping):
+            raise TypeError(f"features must be a mapping of name -> tensor, got {type(features).__name__}")
+        # sigma and the features are cast to the working dtype: only their device must match.
+        check_devices(self, sigma=sigma, **{f"features[{k!r}]": v for k, v in features.items()})
         lead = x_noisy.shape[:-2]
         sigma = torch.as_tensor(sigma, dtype=x_noisy.dtype, device=x_noisy.device)
         try:

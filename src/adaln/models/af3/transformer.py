@@ -111,6 +111,39 @@ def check_mask(mask: object, x: Tensor, name: str = "mask") -> Tensor:
         raise ValueError(f"{name} must be broadcastable to {expected}, got {tuple(mask.shape)}") from None
 
 
+def check_devices(module: nn.Module, **tensors: object) -> None:
+    """Every given tensor on the module's device, else ``ValueError`` naming the argument."""
+    ref = next(module.parameters())
+    for name, t in tensors.items():
+        if isinstance(t, Tensor) and t.device != ref.device:
+            raise ValueError(
+                f"{name} is on device {t.device}, but the {type(module).__name__} parameters are on "
+                f"{ref.device}: move the input or the module"
+            )
+
+
+def check_inputs(module: nn.Module, **tensors: object) -> None:
+    """Every given tensor on the module's device and, if floating, in its dtype (outside autocast).
+
+    Raises ``ValueError`` (device) or ``TypeError`` (dtype) naming the argument, so a mismatch never
+    surfaces as a matmul error deep inside the module.
+    """
+    check_devices(module, **tensors)
+    dtype = next(module.parameters()).dtype
+    for name, t in tensors.items():
+        # Under autocast the matmuls run in the autocast dtype whatever the input dtype.
+        if (
+            isinstance(t, Tensor)
+            and t.is_floating_point()
+            and t.dtype != dtype
+            and not torch.is_autocast_enabled(t.device.type)
+        ):
+            raise TypeError(
+                f"{name} has dtype {t.dtype}, but the {type(module).__name__} parameters are {dtype}: "
+                f"cast the input or the module (module.to({t.dtype})), or run under torch.autocast"
+            )
+
+
 def attend(
     q: Tensor, k: Tensor, v: Tensor, num_heads: int, bias: Tensor, pair_logits: Tensor | None
 ) -> Tensor:
@@ -153,6 +186,7 @@ class ConditionedTransition(nn.Module):
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         check_features(x, "x", self.dim)
         cond = check_cond(cond, x, self.cond_dim)
+        check_inputs(self, x=x, cond=cond)
         a, b = self.transition1(self.adaptive_layernorm(x, cond)).chunk(2, dim=-1)
         return self.adaptive_zero_init(F.silu(a) * b, cond)
 
@@ -170,21 +204,34 @@ class AttentionPairBias(nn.Module):
     q = Linear(AdaLN(x)) (with bias), k, v = LinearNoBias(AdaLN(x)); logits (fp32) =
     (q d^-1/2)·k + 1e9 (mask_k - 1) + pair_logits; output gated by sigmoid(LinearNoBias(AdaLN(x)))
     (zero init: the official ``gating_query`` has ``bias_init=1`` but no bias) and passed through
-    AdaptiveZeroInit. x: (..., N, C); cond: (..., N, Cc) or None; mask: (..., N);
+    AdaptiveZeroInit. ``key_dim`` / ``value_dim`` (all heads together) default to ``dim``, as
+    ``SelfAttentionConfig``'s None does. x: (..., N, C); cond: (..., N, Cc) or None; mask: (..., N);
     pair_logits: (..., H, N, N). Returns the residual update (..., N, C).
     """
 
-    def __init__(self, dim: int, cond_dim: int | None = None, num_heads: int = 16):
+    def __init__(
+        self,
+        dim: int,
+        cond_dim: int | None = None,
+        num_heads: int = 16,
+        *,
+        key_dim: int | None = None,
+        value_dim: int | None = None,
+    ):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        key_dim = dim if key_dim is None else key_dim
+        value_dim = dim if value_dim is None else value_dim
+        for name, width in (("dim", dim), ("key_dim", key_dim), ("value_dim", value_dim)):
+            if width % num_heads:
+                raise ValueError(f"{name} ({width}) must be divisible by num_heads ({num_heads})")
         self.dim, self.cond_dim, self.num_heads = dim, cond_dim, num_heads
+        self.key_dim, self.value_dim = key_dim, value_dim
         self.adaptive_layernorm = AF3AdaptiveLayerNorm(dim, cond_dim)
-        self.q_projection = af3_linear(dim, dim, bias=True)
-        self.k_projection = af3_linear(dim, dim)
-        self.v_projection = af3_linear(dim, dim)
-        self.gating_query = af3_linear(dim, dim, init="zeros")
-        self.adaptive_zero_init = AdaptiveZeroInit(dim, dim, cond_dim)
+        self.q_projection = af3_linear(dim, key_dim, bias=True)
+        self.k_projection = af3_linear(dim, key_dim)
+        self.v_projection = af3_linear(dim, value_dim)
+        self.gating_query = af3_linear(dim, value_dim, init="zeros")
+        self.adaptive_zero_init = AdaptiveZeroInit(value_dim, dim, cond_dim)
 
     def forward(
         self,
@@ -195,6 +242,8 @@ class AttentionPairBias(nn.Module):
     ) -> Tensor:
         check_features(x, "x", self.dim)
         cond = check_cond(cond, x, self.cond_dim)
+        check_inputs(self, x=x, cond=cond, pair_logits=pair_logits)
+        check_devices(self, mask=mask)
         mask = check_mask(mask, x)
         n = x.shape[-2]
         if pair_logits is not None:
@@ -211,12 +260,13 @@ class AttentionPairBias(nn.Module):
         return self.adaptive_zero_init(out, cond)
 
     def _af3_entries(self, prefix: str) -> dict[str, Entry]:
-        heads = (self.num_heads, self.dim // self.num_heads)
+        keys = (self.num_heads, self.key_dim // self.num_heads)
+        values = (self.num_heads, self.value_dim // self.num_heads)
         return {
             **adaptive_layernorm_entries(self.adaptive_layernorm, prefix),
-            **linear_entries(f"{prefix}q_projection", self.q_projection, out_shape=heads),
-            **linear_entries(f"{prefix}k_projection", self.k_projection, out_shape=heads),
-            **linear_entries(f"{prefix}v_projection", self.v_projection, out_shape=heads),
+            **linear_entries(f"{prefix}q_projection", self.q_projection, out_shape=keys),
+            **linear_entries(f"{prefix}k_projection", self.k_projection, out_shape=keys),
+            **linear_entries(f"{prefix}v_projection", self.v_projection, out_shape=values),
             **linear_entries(f"{prefix}gating_query", self.gating_query),
             **adaptive_zero_init_entries(self.adaptive_zero_init, prefix),
         }
@@ -225,10 +275,19 @@ class AttentionPairBias(nn.Module):
 class DiffusionTransformerBlock(nn.Module):
     """One block of Algorithm 23: ``a += AttentionPairBias(a); a += ConditionedTransition(a)``."""
 
-    def __init__(self, dim: int, cond_dim: int | None, num_heads: int):
+    def __init__(
+        self,
+        dim: int,
+        cond_dim: int | None,
+        num_heads: int,
+        *,
+        transition_factor: int = 2,
+        key_dim: int | None = None,
+        value_dim: int | None = None,
+    ):
         super().__init__()
-        self.attention = AttentionPairBias(dim, cond_dim, num_heads)
-        self.transition = ConditionedTransition(dim, cond_dim)
+        self.attention = AttentionPairBias(dim, cond_dim, num_heads, key_dim=key_dim, value_dim=value_dim)
+        self.transition = ConditionedTransition(dim, cond_dim, transition_factor)
 
     def forward(self, x: Tensor, cond: Tensor | None, mask: Tensor, pair_logits: Tensor | None) -> Tensor:
         x = x + self.attention(x, cond, mask, pair_logits)
@@ -243,8 +302,10 @@ class DiffusionTransformer(nn.Module):
 
     One pair LayerNorm (scale, no offset) is shared by all blocks; each super-block of
     ``super_block_size`` blocks has one LinearNoBias(c_pair -> super_block_size x num_heads) giving the
-    pair logits of its blocks (Protenix and alphafold3-pytorch have a LayerNorm + projection per block).
-    x: (..., N, c_token); cond: (..., N, c_single); pair: (..., N, N, c_pair); mask: (..., N).
+    pair logits of its blocks (Protenix and alphafold3-pytorch have a LayerNorm + projection per block;
+    :mod:`adaln.models.af3.ports` folds them). ``transition_factor`` (``num_intermediate_factor``),
+    ``key_dim`` and ``value_dim`` (``SelfAttentionConfig``; None = c_token) default to the official
+    config. x: (..., N, c_token); cond: (..., N, c_single); pair: (..., N, N, c_pair); mask: (..., N).
     """
 
     _af3_scoped = True
@@ -257,6 +318,10 @@ class DiffusionTransformer(nn.Module):
         num_blocks: int = 24,
         num_heads: int = 16,
         super_block_size: int = 4,
+        *,
+        transition_factor: int = 2,
+        key_dim: int | None = None,
+        value_dim: int | None = None,
     ):
         super().__init__()
         if num_blocks % super_block_size:
@@ -270,15 +335,21 @@ class DiffusionTransformer(nn.Module):
             af3_linear(c_pair, super_block_size * num_heads) for _ in range(num_blocks // super_block_size)
         )
         self.blocks = nn.ModuleList(
-            DiffusionTransformerBlock(c_token, c_single, num_heads) for _ in range(num_blocks)
+            DiffusionTransformerBlock(
+                c_token, c_single, num_heads, transition_factor=transition_factor, key_dim=key_dim,
+                value_dim=value_dim,
+            )
+            for _ in range(num_blocks)
         )
 
     def forward(self, x: Tensor, cond: Tensor | None, pair: Tensor, mask: Tensor | None = None) -> Tensor:
         check_features(x, "x", self.c_token)
         cond = check_cond(cond, x, self.c_single)
+        check_features(pair, "pair", self.c_pair, min_dim=3)
+        check_inputs(self, x=x, cond=cond, pair=pair)
+        check_devices(self, mask=mask)
         mask = check_mask(mask, x)
         n = x.shape[-2]
-        check_features(pair, "pair", self.c_pair, min_dim=3)
         if pair.shape[-3:-1] != (n, n):
             expected = f"(..., {n}, {n}, {self.c_pair})"
             raise ValueError(f"pair must be {expected} to match x, got {tuple(pair.shape)}")
@@ -321,24 +392,36 @@ class CrossAttention(nn.Module):
 
     Separate AdaLNs for queries and keys; the official mask bias is ``1e9 (mask_q - 1)(mask_k - 1)``, which
     is 0 for every valid query, so valid queries also attend to padded keys (``mask_mode='official'``);
-    ``'corrected'`` uses ``-1e9 (1 - mask_k)`` instead. x_q: (..., Q, C); x_k: (..., K, C); cond_q, cond_k
-    alike with Cc channels; mask_q: (..., Q); mask_k: (..., K); pair_logits: (..., H, Q, K).
+    ``'corrected'`` uses ``-1e9 (1 - mask_k)`` instead. ``key_dim`` / ``value_dim`` (all heads together)
+    default to ``CrossAttentionConfig``'s 128 whatever ``dim`` is. x_q: (..., Q, C); x_k: (..., K, C);
+    cond_q, cond_k alike with Cc channels; mask_q: (..., Q); mask_k: (..., K); pair_logits: (..., H, Q, K).
     """
 
-    def __init__(self, dim: int, cond_dim: int | None, num_heads: int = 4, mask_mode: str = "official"):
+    def __init__(
+        self,
+        dim: int,
+        cond_dim: int | None,
+        num_heads: int = 4,
+        mask_mode: str = "official",
+        *,
+        key_dim: int = 128,
+        value_dim: int = 128,
+    ):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        for name, width in (("key_dim", key_dim), ("value_dim", value_dim)):
+            if width % num_heads:
+                raise ValueError(f"{name} ({width}) must be divisible by num_heads ({num_heads})")
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         self.dim, self.cond_dim, self.num_heads, self.mask_mode = dim, cond_dim, num_heads, mask_mode
+        self.key_dim, self.value_dim = key_dim, value_dim
         self.q_layernorm = AF3AdaptiveLayerNorm(dim, cond_dim)
         self.k_layernorm = AF3AdaptiveLayerNorm(dim, cond_dim)
-        self.q_projection = af3_linear(dim, dim, bias=True)
-        self.k_projection = af3_linear(dim, dim)
-        self.v_projection = af3_linear(dim, dim)
-        self.gating_query = af3_linear(dim, dim, init="zeros")
-        self.adaptive_zero_init = AdaptiveZeroInit(dim, dim, cond_dim)
+        self.q_projection = af3_linear(dim, key_dim, bias=True)
+        self.k_projection = af3_linear(dim, key_dim)
+        self.v_projection = af3_linear(dim, value_dim)
+        self.gating_query = af3_linear(dim, value_dim, init="zeros")
+        self.adaptive_zero_init = AdaptiveZeroInit(value_dim, dim, cond_dim)
 
     def forward(
         self,
@@ -364,13 +447,14 @@ class CrossAttention(nn.Module):
         return self.adaptive_zero_init(out, cond_q)
 
     def _af3_entries(self, prefix: str) -> dict[str, Entry]:
-        heads = (self.num_heads, self.dim // self.num_heads)
+        keys = (self.num_heads, self.key_dim // self.num_heads)
+        values = (self.num_heads, self.value_dim // self.num_heads)
         return {
             **adaptive_layernorm_entries(self.q_layernorm, f"{prefix}q"),
             **adaptive_layernorm_entries(self.k_layernorm, f"{prefix}k"),
-            **linear_entries(f"{prefix}q_projection", self.q_projection, out_shape=heads),
-            **linear_entries(f"{prefix}k_projection", self.k_projection, out_shape=heads),
-            **linear_entries(f"{prefix}v_projection", self.v_projection, out_shape=heads),
+            **linear_entries(f"{prefix}q_projection", self.q_projection, out_shape=keys),
+            **linear_entries(f"{prefix}k_projection", self.k_projection, out_shape=keys),
+            **linear_entries(f"{prefix}v_projection", self.v_projection, out_shape=values),
             **linear_entries(f"{prefix}gating_query", self.gating_query),
             **adaptive_zero_init_entries(self.adaptive_zero_init, prefix),
         }
@@ -382,7 +466,9 @@ class CrossAttTransformer(nn.Module):
     Keys are gathered from the current queries before every block. queries: (B, S, Q, C);
     key_index: (B, S, K) indices into the flattened (S*Q) queries; masks (B, S, Q) / (B, S, K);
     conds alike with Cc channels; pair: (B, S, Q, K, Cp). One pair LayerNorm and one projection to
-    ``num_blocks x num_heads`` logits serve all blocks.
+    ``num_blocks x num_heads`` logits serve all blocks. ``transition_factor``
+    (``num_intermediate_factor``, 2 in the encoder and decoder configs), ``key_dim`` and ``value_dim``
+    (``CrossAttentionConfig``, 128) default to the official config.
     """
 
     _af3_scoped = True
@@ -395,15 +481,22 @@ class CrossAttTransformer(nn.Module):
         num_blocks: int = 3,
         num_heads: int = 4,
         mask_mode: str = "official",
+        *,
+        transition_factor: int = 2,
+        key_dim: int = 128,
+        value_dim: int = 128,
     ):
         super().__init__()
         self.num_blocks, self.num_heads = num_blocks, num_heads
         self.pair_input_layer_norm = AF3LayerNorm(pair_dim)
         self.pair_logits_projection = af3_linear(pair_dim, num_blocks * num_heads)
         self.attention = nn.ModuleList(
-            CrossAttention(dim, cond_dim, num_heads, mask_mode) for _ in range(num_blocks)
+            CrossAttention(dim, cond_dim, num_heads, mask_mode, key_dim=key_dim, value_dim=value_dim)
+            for _ in range(num_blocks)
         )
-        self.transition = nn.ModuleList(ConditionedTransition(dim, cond_dim) for _ in range(num_blocks))
+        self.transition = nn.ModuleList(
+            ConditionedTransition(dim, cond_dim, transition_factor) for _ in range(num_blocks)
+        )
 
     def forward(
         self,
