@@ -157,3 +157,66 @@ def test_load_rejects_wrong_types():
         load_alphafold3_params(ConditionedTransition(4), [("a", 1)], "p_")
     with pytest.raises(TypeError, match="adaln.models.af3"):
         load_alphafold3_params(torch.nn.Linear(2, 2), {}, "p_")
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (lambda shape: np.full(shape, "0.5"), "is not a real number type"),
+        (lambda shape: np.full(shape, None, dtype=object), "is not a real number type"),
+        (lambda shape: np.full(shape, np.nan), "NaN or infinite"),
+        (lambda shape: torch.full(shape, float("inf")), "NaN or infinite"),
+        (lambda shape: torch.zeros(shape, dtype=torch.complex64), "is not a real number type"),
+    ],
+)
+def test_unusable_values_raise_before_anything_is_copied(bad, reason):
+    module = DiffusionTransformer(8, 6, 4, num_blocks=2, num_heads=2, super_block_size=1)
+    params = export_alphafold3_params(randomize_(DiffusionTransformer(8, 6, 4, 2, 2, 1), seed=9), "transformer")
+    # The last key in load order: every other value would be copied first if checks ran late.
+    key = list(params)[-1]
+    params[key] = bad(params[key].shape)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match=f"unusable \\(1\\): {key}: .*{reason}"):
+        load_alphafold3_params(module, params, "transformer")
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_names_and_shapes_with_independent_attention_widths():
+    module = AttentionPairBias(8, 6, num_heads=2, key_dim=4, value_dim=12)
+    shapes = {k: v.shape for k, v in export_alphafold3_params(module, "p_").items()}
+    assert shapes["p_q_projection/weights"] == (8, 2, 2)
+    assert shapes["p_k_projection/weights"] == (8, 2, 2)
+    assert shapes["p_v_projection/weights"] == (8, 2, 6)
+    assert shapes["p_gating_query/weights"] == (8, 12)
+    assert shapes["p_transition2/weights"] == (12, 8)
+    transition = export_alphafold3_params(ConditionedTransition(8, 6, factor=3), "p_")
+    assert transition["p_ffw_transition1/weights"].shape == (8, 48)
+    assert transition["p_ffw_transition2/weights"].shape == (24, 8)
+
+
+def _wide_module(seed):
+    torch.manual_seed(seed)
+    return DiffusionModule(
+        c_token=16, c_single=8, c_pair=4, c_s_inputs=5, c_atom=8, c_atompair=4, num_blocks=2, num_heads=2,
+        super_block_size=1, atom_blocks=2, atom_heads=2, c_single_cond=6, c_pair_cond=3, transition_factor=3,
+        key_dim=12, value_dim=6, atom_transition_factor=1, atom_key_dim=6, atom_value_dim=10,
+    ).to(F64)
+
+
+def test_round_trip_with_independent_widths():
+    source, target = randomize_(_wide_module(0), seed=4), _wide_module(1)
+    x, sigma, cond = _toy_inputs()
+    params = export_alphafold3_params(source, "diffuser/~/diffusion_head")
+    head = "diffuser/~/diffusion_head"
+    assert params[f"{head}/single_cond_initial_projection/weights"].shape == (8 + 5, 6)
+    assert params[f"{head}/pair_cond_initial_projection/weights"].shape == (4 + 139, 3)
+    assert params[f"{head}/diffusion_lnorm_trunk_single_cond/scale"].shape == (8,)  # the raw trunk single
+    assert params[f"{head}/diffusion_lnorm_trunk_pair_cond/scale"].shape == (3,)  # the conditioned pair
+    atom_block = f"{head}/diffusion_atom_transformer_encoder/{STACK}/diffusion_atom_transformer_encoder"
+    assert params[f"{atom_block}q_projection/weights"].shape == (2, 8, 2, 3)
+    assert params[f"{atom_block}v_projection/weights"].shape == (2, 8, 2, 5)
+    assert params[f"{atom_block}ffw_transition1/weights"].shape == (2, 8, 16)
+    load_alphafold3_params(target, params, head)
+    for (name, a), (_, b) in zip(source.state_dict().items(), target.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert torch.equal(source(x, sigma, **cond), target(x, sigma, **cond))

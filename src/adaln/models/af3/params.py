@@ -109,13 +109,22 @@ def stack_entries(layers: list[dict[str, Entry]], leading: tuple[int, ...], pref
     return stacked
 
 
-def _to_tensor(value: object) -> Tensor:
+def _to_tensor(value: object) -> Tensor | str:
+    """``value`` as a tensor, or why it cannot be loaded (not numeric, not finite)."""
     if isinstance(value, Tensor):
-        return value.detach()
-    array = np.asarray(value)
-    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 (official checkpoints): torch cannot wrap it
-        array = array.astype(np.float32)
-    return torch.as_tensor(array)
+        t = value.detach()
+        if t.is_complex() or t.dtype == torch.bool:
+            return f"dtype {t.dtype} is not a real number type"
+    else:
+        array = np.asarray(value)
+        if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 (official checkpoints): torch cannot wrap it
+            array = array.astype(np.float32)
+        elif array.dtype.kind not in "iuf":
+            return f"dtype {array.dtype} is not a real number type"
+        t = torch.as_tensor(array)
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        return "holds NaN or infinite values"
+    return t
 
 
 def _shape(value: object) -> tuple[int, ...]:
@@ -146,8 +155,9 @@ def load_alphafold3_params(
     ``transition_block(..., name='p_')``, ``'transformer'`` or ``'diffusion_head/transformer'`` for the
     diffusion transformer, ``'diffuser/~/diffusion_head'`` for the diffusion module of the released
     checkpoints. With a partial module loaded from a full dump use ``strict=False``. Raises one ``ValueError``
-    listing every missing, unexpected (``strict`` only: keys under ``prefix`` we do not use) and
-    mis-shaped key; nothing is copied then.
+    listing every missing, unexpected (``strict`` only: keys under ``prefix`` we do not use), mis-shaped
+    and unusable (not a real number type, or holding NaN / infinite values) key; everything is checked
+    before anything is copied, so after an error the module is unchanged.
     """
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping of name -> array, got {type(params).__name__}")
@@ -160,14 +170,22 @@ def load_alphafold3_params(
         for k, e in entries.items()
         if k in params and _shape(params[k]) != e.shape
     )
-    if missing or unexpected or misshaped:
+    shaped = [k for k, e in entries.items() if k in params and _shape(params[k]) == e.shape]
+    values = {k: _to_tensor(params[k]) for k in shaped}
+    unusable = sorted(f"{k}: {v}" for k, v in values.items() if isinstance(v, str))
+    if missing or unexpected or misshaped or unusable:
         lines = [f"cannot load AlphaFold3 parameters into {type(module).__name__} (prefix {prefix!r}):"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        for title, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped", misshaped),
+            ("unusable", unusable),
+        ):
             if keys:
                 lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
         raise ValueError("\n".join(lines))
     for k, e in entries.items():
-        e.write(_to_tensor(params[k]))
+        e.write(values[k])
 
 
 def export_alphafold3_params(module: nn.Module, prefix: str) -> dict[str, np.ndarray]:
