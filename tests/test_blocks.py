@@ -8,11 +8,12 @@ LayerNorm without affine eps 1e-6, modulate = x * (1 + scale) + shift), with fb'
 import copy
 import functools
 import math
+import sys
+from collections.abc import Mapping
 
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 import adaln.nn.blocks as blocks
@@ -99,11 +100,33 @@ class NamedConditioningMixer(nn.Module):
 
 
 class KwargsMixer(NamedConditioningMixer):
-    """Takes ``**kwargs`` only: does not declare ``conditioning``."""
+    """nvSubquadratic ``QKVSequenceMixer``'s signature: ``forward(x, cp_group=None, **mixer_kwargs)``."""
 
-    def forward(self, x, **kwargs):
-        self.received = kwargs.get("conditioning", "absent")
+    def forward(self, x, cp_group=None, **mixer_kwargs):
+        self.received = mixer_kwargs.get("conditioning", "absent")
         return self.lin(x)
+
+
+def lazy_config(target, **kwargs):
+    """What nvSubquadratic's ``LazyConfig(target)(**kwargs)`` returns, as a plain dict."""
+    return {"__target__": f"{target.__module__}.{target.__qualname__}", **kwargs}
+
+
+def halve(value):
+    """A non-module config target (as nvSubquadratic's init-function configs)."""
+    return value / 2
+
+
+class Wrapper(nn.Module):
+    """A module that builds its child from a config itself, as nvSubquadratic's mixers do."""
+
+    def __init__(self, inner_cfg, scale):
+        super().__init__()
+        self.received_cfg = dict(inner_cfg) if isinstance(inner_cfg, Mapping) else None
+        self.inner, self.scale = blocks.build_module(inner_cfg, "inner_cfg"), scale
+
+    def forward(self, x):
+        return self.inner(x) * self.scale
 
 
 def make_block(norm="layer", mixer="attention", dropout=None, dim=C):
@@ -232,7 +255,7 @@ def test_layer_and_rms_norms_go_through_norm_modulate(monkeypatch):
     assert calls == [("modulate", None), ("gate_residual", None)] * 2
 
 
-def test_construction_from_module_factory_and_hydra_config():
+def test_construction_from_module_factory_and_configs():
     target = "adaln.nn.attention.Attention"
     specs = [
         dict(sequence_mixer=Attention(C, 4), sequence_mixer_norm=nn.LayerNorm(C), mlp=Mlp(C, 32)),
@@ -243,8 +266,13 @@ def test_construction_from_module_factory_and_hydra_config():
         ),
         dict(
             sequence_mixer={"_target_": target, "dim": C, "num_heads": 4},
-            sequence_mixer_norm=OmegaConf.create({"_target_": "torch.nn.LayerNorm", "normalized_shape": C}),
-            mlp=OmegaConf.create({"_target_": "adaln.nn.mlp.Mlp", "in_features": C, "hidden_features": 32}),
+            sequence_mixer_norm={"_target_": "torch.nn.LayerNorm", "normalized_shape": C},
+            mlp={"_target_": "adaln.nn.mlp.Mlp", "in_features": C, "hidden_features": 32},
+        ),
+        dict(  # nvSubquadratic's keyword names and LazyConfig form
+            sequence_mixer_cfg=lazy_config(Attention, dim=C, num_heads=4),
+            sequence_mixer_norm_cfg=lazy_config(nn.LayerNorm, normalized_shape=C),
+            mlp_cfg=lazy_config(Mlp, in_features=C, hidden_features=32),
         ),
     ]
     common = dict(
@@ -266,6 +294,101 @@ def test_construction_from_module_factory_and_hydra_config():
     assert not hasattr(reference.mlp.fc1.weight, "_no_weight_decay")
 
 
+def nvsubquadratic_block_config():
+    """An nvSubquadratic-style block config, every sub-module a LazyConfig, the mixer nesting another."""
+    return lazy_config(
+        AdaLNZeroResidualBlock,
+        sequence_mixer_cfg=lazy_config(
+            Wrapper,
+            inner_cfg=lazy_config(nn.Linear, in_features=C, out_features=C),
+            scale=lazy_config(halve, value=4.0),
+        ),
+        sequence_mixer_norm_cfg=lazy_config(nn.LayerNorm, normalized_shape=C),
+        mlp_cfg=lazy_config(Mlp, in_features=C, hidden_features=32),
+        mlp_norm_cfg=lazy_config(nn.RMSNorm, normalized_shape=C),
+        condition_norm_cfg=lazy_config(nn.Identity),
+        dropout_cfg=lazy_config(nn.Dropout, p=0.0),
+        hidden_dim=C,
+    )  # fmt: skip
+
+
+def test_nvsubquadratic_config_builds_the_block_without_hydra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "hydra", None)  # any import of hydra or omegaconf would fail
+    monkeypatch.setitem(sys.modules, "omegaconf", None)
+    cfg = nvsubquadratic_block_config()
+    block = blocks.instantiate(cfg)
+    assert isinstance(block, AdaLNZeroResidualBlock) and isinstance(block.mlp_norm, nn.RMSNorm)
+    mixer = block.sequence_mixer
+    # nested module config reached the mixer unbuilt (it builds it); a non-module target was called
+    assert isinstance(mixer, Wrapper) and mixer.received_cfg == cfg["sequence_mixer_cfg"]["inner_cfg"]
+    assert isinstance(mixer.inner, nn.Linear) and mixer.scale == 2.0
+    assert cfg["sequence_mixer_cfg"]["scale"] == lazy_config(halve, value=4.0)  # config not mutated
+    modules = (nn.LayerNorm(C), Mlp(C, 32), nn.RMSNorm(C), nn.Identity(), nn.Dropout(0.0))
+    same = AdaLNZeroResidualBlock(Wrapper(nn.Linear(C, C), 2.0), *modules, C)
+    same.load_state_dict(randomize_(block).state_dict())
+    x, cond = torch.randn(2, 3, 4, C), torch.randn(2, C)
+    assert torch.equal(block(x, cond), same(x, cond))
+
+
+def test_omegaconf_dictconfig_is_accepted():
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.create(nvsubquadratic_block_config(), flags={"allow_objects": True})
+    block = blocks.instantiate(cfg)
+    assert isinstance(block.sequence_mixer.inner, nn.Linear) and block.sequence_mixer.scale == 2.0
+    hydra_cfg = omegaconf.OmegaConf.create({"_target_": "adaln.nn.mlp.Mlp", "in_features": C})
+    assert isinstance(blocks.build_module(hydra_cfg, "mlp"), Mlp)
+
+
+def test_uncalled_lazy_config_is_a_factory_of_a_config():
+    class UncalledLazyConfig:
+        """nvSubquadratic's ``LazyConfig(cls)`` before it is called: calling it returns the config."""
+
+        def __call__(self, **kwargs):
+            return lazy_config(nn.LayerNorm, normalized_shape=C, **kwargs)
+
+    norm = blocks.build_module(UncalledLazyConfig(), "sequence_mixer_norm")
+    assert isinstance(norm, nn.LayerNorm) and norm.normalized_shape == (C,)
+
+
+def test_hydra_instantiate_features():
+    mk = blocks.instantiate
+    partial = mk({"_target_": "torch.nn.LayerNorm", "_partial_": True, "eps": 1e-3})
+    assert isinstance(partial, functools.partial) and partial(C).eps == 1e-3
+    linear = mk({"_target_": "torch.nn.Linear", "_args_": [C, 3], "bias": False})
+    assert linear.weight.shape == (3, C) and linear.bias is None
+    seq = mk({"_target_": "torch.nn.Sequential", "_args_": [{"_target_": "torch.nn.Identity"}]})
+    assert isinstance(seq[0], nn.Identity)  # nested _target_ built first, as hydra does by default
+    raw = mk({"_target_": "builtins.dict", "_recursive_": False, "inner": {"_target_": "torch.nn.Identity"}})
+    assert raw == {"inner": {"_target_": "torch.nn.Identity"}}
+    assert mk({"_target_": nn.Identity}).__class__ is nn.Identity  # a callable target
+    assert mk({"_target_": "torch.nn.init.calculate_gain", "nonlinearity": "relu"}) == math.sqrt(2)
+
+
+def test_bad_configs():
+    mk = blocks.instantiate
+    with pytest.raises(ValueError, match=r"config: unsupported keys \['_convert_'\]; supported are"):
+        mk({"_target_": "torch.nn.Identity", "_convert_": "all"})
+    with pytest.raises(ValueError, match="config has both '_target_' and '__target__'; use one"):
+        mk({"_target_": "torch.nn.Identity", "__target__": "torch.nn.Identity"})
+    message = r"mlp: target 'torch.nn.NoSuchNorm' not found \(no attribute 'NoSuchNorm'\)"
+    with pytest.raises(ValueError, match=message):
+        mk({"_target_": "torch.nn.NoSuchNorm"}, "mlp")
+    with pytest.raises(ValueError, match=r"config: target 'no_such_package.Norm' names no importable module"):
+        mk({"__target__": "no_such_package.Norm"})
+    with pytest.raises(TypeError, match="config: target must be a dotted path or a callable, got 3"):
+        mk({"_target_": 3})
+    with pytest.raises(TypeError, match="config must be a mapping with a '_target_' or '__target__' key"):
+        mk({"dim": C})
+    cfg = dict(sequence_mixer_norm=nn.LayerNorm(C), mlp=Mlp(C), mlp_norm=nn.LayerNorm(C),
+               condition_norm=nn.Identity(), dropout=nn.Identity(), hidden_dim=C)  # fmt: skip
+    both = r"pass sequence_mixer or sequence_mixer_cfg \(nvSubquadratic's name\), not both"
+    with pytest.raises(TypeError, match=both):
+        AdaLNZeroResidualBlock(Attention(C, 4), **cfg, sequence_mixer_cfg=Attention(C, 4))
+    missing = r"sequence_mixer is required \(nvSubquadratic's name: sequence_mixer_cfg\)"
+    with pytest.raises(TypeError, match=missing):
+        AdaLNZeroResidualBlock(**cfg)
+
+
 def test_bad_module_specs():
     good = dict(sequence_mixer_norm=nn.LayerNorm(C), mlp=Mlp(C), mlp_norm=nn.LayerNorm(C))
     rest = dict(condition_norm=nn.Identity(), dropout=nn.Identity(), hidden_dim=C)
@@ -278,7 +401,7 @@ def test_bad_module_specs():
 
 
 @pytest.mark.parametrize("declares", ["named", "var_keyword"])
-def test_conditioning_reaches_only_mixers_that_declare_it(declares):
+def test_conditioning_reaches_mixers_that_can_take_it(declares):
     mixer = NamedConditioningMixer(C) if declares == "named" else KwargsMixer(C)
     block = randomize_(
         AdaLNZeroResidualBlock(
@@ -287,14 +410,32 @@ def test_conditioning_reaches_only_mixers_that_declare_it(declares):
     )
     condition = torch.randn(2, 3, C)
     block(torch.randn(2, 4, C), condition)
-    if declares == "named":
-        cn = block.condition_norm
-        expected = ref_layer_norm(condition.mean(1), cn.weight, cn.bias, cn.eps)
-        torch.testing.assert_close(mixer.received, expected, rtol=0, atol=1e-6)
-        assert block.mixer_takes_conditioning
-    else:  # a bare **kwargs does not declare it: the mixer is called with x alone
-        assert mixer.received == "absent"
-        assert not block.mixer_takes_conditioning
+    cn = block.condition_norm
+    expected = ref_layer_norm(condition.mean(1), cn.weight, cn.bias, cn.eps)
+    torch.testing.assert_close(mixer.received, expected, rtol=0, atol=1e-6)
+    assert block.mixer_takes_conditioning
+
+
+def test_film_switch():
+    rest = (nn.LayerNorm(C), Mlp(C), nn.LayerNorm(C), nn.Identity(), nn.Identity(), C)
+    x, cond = torch.randn(2, 4, C), torch.randn(2, C)
+    plain = AdaLNZeroResidualBlock(Attention(C, 4), *rest)  # default: cannot take it, called with x alone
+    assert not plain.mixer_takes_conditioning and plain(x, cond).shape == x.shape
+    message = (
+        r"film=True needs a sequence_mixer whose forward takes conditioning= "
+        r"\(a parameter of that name or \*\*kwargs\); Attention.forward takes neither"
+    )
+    with pytest.raises(ValueError, match=message):
+        AdaLNZeroResidualBlock(Attention(C, 4), *rest, film=True)
+    kwargs_mixer = KwargsMixer(C)
+    AdaLNZeroResidualBlock(kwargs_mixer, *rest, film=True)(x, cond)
+    assert torch.equal(kwargs_mixer.received, cond)  # condition_norm is Identity here
+    named = NamedConditioningMixer(C)
+    off = AdaLNZeroResidualBlock(named, *rest, film=False)
+    off(x, cond)
+    assert named.received is None and not off.mixer_takes_conditioning
+    with pytest.raises(TypeError, match="film must be None, True or False, got 'yes'"):
+        AdaLNZeroResidualBlock(Attention(C, 4), *rest, film="yes")
 
 
 def test_bf16_finite_and_close_to_fp32():
@@ -337,6 +478,11 @@ def test_block_bad_inputs():
         block(x, torch.ones(2, C, dtype=torch.int32))
     with pytest.raises(TypeError, match="condition must be a torch.Tensor"):
         block(x, [0.0] * C)
+    empty = r"condition must have at least one token to mean-pool, got shape \(2, 0, 16\)"
+    with pytest.raises(ValueError, match=empty):
+        block(x, torch.randn(2, 0, C))
+    with pytest.raises(ValueError, match=r"at least one token to mean-pool, got shape \(2, 3, 0, 16\)"):
+        block(x, torch.randn(2, 3, 0, C))
 
 
 @pytest.mark.parametrize(
@@ -464,3 +610,13 @@ def test_dit_block_identity_at_init_and_bad_inputs():
     layer = FinalLayer(C, 2, 4)
     with pytest.raises(ValueError, match=r"c must be \(B, C\)"):
         layer(x, torch.randn(2, C + 1))
+
+
+def test_residual_network_builds_nvsubquadratic_block_configs():
+    from adaln.networks.residual import ResidualNetwork
+
+    net = ResidualNetwork(3, C, 2, 2, nvsubquadratic_block_config())
+    assert all(isinstance(b, AdaLNZeroResidualBlock) for b in net.blocks)
+    assert net.blocks[0] is not net.blocks[1]
+    assert net.blocks[0].sequence_mixer.inner is not net.blocks[1].sequence_mixer.inner
+    assert net(torch.randn(2, 5, 3), torch.randn(2, C)).shape == (2, 5, 2)

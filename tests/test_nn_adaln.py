@@ -194,7 +194,8 @@ def test_adaln_zero_leaves_module_apply_alone():
 
 def test_adaln_zero_without_activation_is_a_bare_linear(record_property):
     m = randomize_(AdaLNZero(8, 5, norm="rms", shift=False, gate="tanh", activation=None).double())
-    assert isinstance(m.proj[0], torch.nn.Identity) and set(m.state_dict()) == {"proj.1.weight", "proj.1.bias"}
+    assert isinstance(m.proj[0], torch.nn.Identity)
+    assert set(m.state_dict()) == {"proj.1.weight", "proj.1.bias"}
     c = torch.randn(3, 5, dtype=torch.float64)
     full = linear(np64(c), np64(m.proj[1].weight), np64(m.proj[1].bias))  # no SiLU
     got = np.concatenate([np64(t) for _, sc, g in m(c) for t in (sc, g)], axis=-1)
@@ -212,10 +213,11 @@ def test_adaln_zero_modulate_applies_the_norm_weight(record_property):
     err = max_err(m.modulate(x, None, sc, weight=w), ref)
     record_property("max_abs_err", err)
     assert err < 1e-12
-    assert torch.equal(m.modulate(x, None, sc, weight=torch.ones(8, dtype=torch.float64)), m.modulate(x, None, sc))
+    ones = torch.ones(8, dtype=torch.float64)
+    assert torch.equal(m.modulate(x, None, sc, weight=ones), m.modulate(x, None, sc))
 
 
-# ----------------------------------------------------------------------------- Z-Image and Lumina 2 (diffusers)
+# ----------------------------------------------------------------------------- Z-Image, Lumina 2 (diffusers)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -271,7 +273,7 @@ def test_z_image_block_modulation_path_matches_diffusers(record_property):
 
 
 def test_lumina2_norms_with_weights_match_diffusers(record_property):
-    """diffusers ``LuminaRMSNormZero`` (``norm1``) and ``ffn_norm1 * (1 + scale_mlp)`` with non-unit weights."""
+    """diffusers ``LuminaRMSNormZero`` (``norm1``) and ``ffn_norm1 * (1 + scale_mlp)``, non-unit weights."""
     from diffusers.models.normalization import LuminaRMSNormZero, RMSNorm
 
     torch.manual_seed(0)
@@ -292,7 +294,8 @@ def test_lumina2_norms_with_weights_match_diffusers(record_property):
         got_h = ada.modulate(h, None, scale_mlp, weight=ffn_norm1.weight)
         unweighted = ada.modulate(x, None, scale_msa)
     errs = [rel_err(got_x, ref_x), rel_err(got_h, ref_h)]
-    errs += [rel_err(a, b) for a, b in ((gate_msa, ref_gate_msa), (scale_mlp, ref_scale_mlp), (gate_mlp, ref_gate_mlp))]
+    pairs = ((gate_msa, ref_gate_msa), (scale_mlp, ref_scale_mlp), (gate_mlp, ref_gate_mlp))
+    errs += [rel_err(a, b) for a, b in pairs]
     record_property("max_rel_err", max(errs))
     assert max(errs) <= 1e-5
     assert rel_err(unweighted, ref_x) > 0.05  # without the norm weight it is far off

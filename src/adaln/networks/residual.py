@@ -20,9 +20,12 @@ BlockSpec = Union[Callable[[], nn.Module], Mapping[str, Any]]
 
 
 def build_blocks(block: BlockSpec, depth: int) -> nn.ModuleList:
-    """``depth`` fresh blocks from a zero-argument factory or a hydra ``_target_`` config."""
+    """``depth`` fresh blocks from a zero-argument factory or a ``_target_`` / ``__target__`` config.
+
+    Configs follow ``adaln.nn.blocks.instantiate`` (hydra's or nvSubquadratic's LazyConfig form).
+    """
     if isinstance(block, nn.Module):
-        raise TypeError("block must be a zero-argument factory or a hydra config, not a module instance "
+        raise TypeError("block must be a zero-argument factory or a config, not a module instance "
                         "(one instance would be shared by every layer)")
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
         raise ValueError(f"depth must be a non-negative int, got {depth!r}")
@@ -37,7 +40,7 @@ class ResidualNetwork(nn.Module):
     | in_dim, out_dim        | channels of the input and the output (``in_proj``/``out_proj`` Linear)   |
     | hidden_dim             | C, the width of every block                                             |
     | depth                  | number of blocks, each built afresh from ``block``                      |
-    | block                  | zero-argument factory or hydra config of a block ``forward(x, cond)``   |
+    | block                  | factory or ``_target_``/``__target__`` config of a ``forward(x, cond)`` |
     | condition_dim          | when set, ``condition_in_proj`` = Linear(condition_dim, C)              |
     | checkpoint_activations | recompute each block in backward (``use_reentrant=False``)              |
     | in_proj                | replaces the default Linear(in_dim, C), e.g. a patch embedding          |
