@@ -2,7 +2,8 @@
 
 Matches nvSubquadratic ``networks/classification_resnet.py`` (``ClassificationResNet``: blocks, mean over
 the token axes, output norm, output projection) with a strided-convolution patch embedding as input
-projection and the block built from ``AdaLNZeroResidualBlock`` around a Hyena or attention mixer.
+projection (``adaln.nn.PatchEmbed`` with ``channels_last=True``) and the block built from
+``AdaLNZeroResidualBlock`` around a Hyena or attention mixer.
 """
 
 from __future__ import annotations
@@ -16,41 +17,11 @@ from adaln.checks import check_tensor
 from adaln.networks.residual import ResidualNetwork
 from adaln.nn.attention import Attention
 from adaln.nn.blocks import AdaLNZeroResidualBlock
+from adaln.nn.embeddings import PatchEmbed
 from adaln.nn.hyena import Hyena
 from adaln.nn.mlp import DropPath, Mlp
 
 MIXERS = ("hyena", "attention")
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches by a strided ConvNd: (B, *spatial, C_in) -> (B, *spatial / patch, C).
-
-    Channels-last in and out; every spatial size must be divisible by ``patch_size``.
-    """
-
-    def __init__(self, in_channels: int, hidden_dim: int, spatial_dims: int, patch_size: int) -> None:
-        super().__init__()
-        if spatial_dims not in (1, 2, 3):
-            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}")
-        if patch_size < 1:
-            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
-        self.in_channels, self.spatial_dims, self.patch_size = in_channels, spatial_dims, patch_size
-        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial_dims - 1]
-        self.proj = conv(in_channels, hidden_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        check_tensor(x, "x")
-        spatial = tuple(x.shape[1:-1])
-        if x.dim() != self.spatial_dims + 2 or x.shape[-1] != self.in_channels:
-            raise ValueError(
-                f"x must be (B, *spatial, {self.in_channels}) with {self.spatial_dims} token axes "
-                f"(channels-last), got {tuple(x.shape)}"
-            )
-        if any(n % self.patch_size for n in spatial):
-            raise ValueError(
-                f"every spatial size of x {spatial} must be divisible by patch_size {self.patch_size}"
-            )
-        return self.proj(x.movedim(-1, 1)).movedim(1, -1)
 
 
 class ClassificationResNet(ResidualNetwork):
@@ -107,7 +78,10 @@ class ClassificationResNet(ResidualNetwork):
             dropout=partial(DropPath, drop_path),
             hidden_dim=hidden_dim,
         )
-        patch_embed = PatchEmbed(in_channels, hidden_dim, spatial_dims, patch_size)
+        # Any grid divisible by patch_size, channels-last; ConvNd's default init (DiT's xavier is for DiT).
+        patch_embed = PatchEmbed(
+            None, patch_size, in_channels, hidden_dim, spatial_dims=spatial_dims, channels_last=True, init="torch"
+        )
         super().__init__(
             in_channels, hidden_dim, num_classes, depth, block, condition_dim, checkpoint_activations,
             in_proj=patch_embed,

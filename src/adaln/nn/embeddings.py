@@ -1,7 +1,8 @@
 """Condition and token embeddings: timesteps, class labels, AF3 noise levels, patches, positions.
 
 Sources: facebookresearch/DiT ``models.py`` (``TimestepEmbedder``, ``LabelEmbedder``,
-``get_2d_sincos_pos_embed``; ``PatchEmbed`` is timm's as DiT uses it) and google-deepmind/alphafold3
+``get_2d_sincos_pos_embed``; ``PatchEmbed`` is timm's as DiT uses it), diffusers ``embeddings.py``
+(``get_timestep_embedding``, the ``freq_shift=1`` spacing of its DiT) and google-deepmind/alphafold3
 ``src/alphafold3/model/network/noise_level_embeddings.py`` (``noise_embeddings``, Algorithm 21/22).
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from adaln.checks import check_tensor
+from adaln.checks import check_choice, check_tensor
 
 __all__ = [
     "FourierEmbedding",
@@ -28,14 +29,15 @@ __all__ = [
 ]
 
 AF3_FOURIER_DIM = 256
+PATCH_INITS = ("dit", "torch")
 
 
-def _pair(v: int | tuple[int, int], name: str) -> tuple[int, int]:
-    """An int or an (h, w) pair of positive ints as (h, w)."""
-    pair = (v, v) if isinstance(v, int) else tuple(v)
-    if len(pair) != 2 or not all(isinstance(p, int) and p > 0 for p in pair):
-        raise ValueError(f"{name} must be a positive int or an (h, w) pair of positive ints, got {v!r}")
-    return pair
+def _sizes(v: int | tuple[int, ...], n: int, name: str) -> tuple[int, ...]:
+    """An int (every axis) or ``n`` positive ints as an n-tuple."""
+    sizes = (v,) * n if isinstance(v, int) else tuple(v)
+    if len(sizes) != n or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+        raise ValueError(f"{name} must be a positive int or {n} positive ints (one per axis), got {v!r}")
+    return sizes
 
 
 #################################################################################
@@ -43,11 +45,14 @@ def _pair(v: int | tuple[int, int], name: str) -> tuple[int, int]:
 #################################################################################
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000) -> Tensor:
-    """DiT / GLIDE sinusoidal embedding ``[cos(t * f), sin(t * f)]``, ``f_i = max_period^(-i/half)``.
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000, *, freq_shift: int = 0) -> Tensor:
+    """DiT / GLIDE sinusoidal embedding ``[cos(t * f), sin(t * f)]``, ``f_i = max_period^(-i / (half - freq_shift))``.
 
-    Cos first, then sin; an odd ``dim`` gets one zero column (as DiT). t: (B,) int or float timesteps
-    (fractional allowed) -> (B, dim) float32 (float64 for float64 t).
+    ``freq_shift=0`` is fb DiT's ``TimestepEmbedder.timestep_embedding`` (i / half); ``freq_shift=1`` is
+    diffusers' ``get_timestep_embedding(flip_sin_to_cos=True, downscale_freq_shift=1)`` as its DiT uses it
+    (i / (half - 1): the lowest frequency is exactly 1 / max_period). i = 0..half-1, cos first, then sin;
+    an odd ``dim`` gets one zero column (as both). t: (B,) int or float timesteps (fractional allowed)
+    -> (B, dim) float32, float64 for float64 t (both sources compute in float32 for every t).
     """
     if not isinstance(t, Tensor):
         raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
@@ -55,9 +60,11 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000) -> Tensor
         raise ValueError(f"t must have shape (B,), got {tuple(t.shape)}")
     if dim < 1:
         raise ValueError(f"dim must be >= 1, got {dim}")
-    ct = torch.float64 if t.dtype == torch.float64 else torch.float32
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=ct, device=t.device) / half)
+    _check_freq_shift(freq_shift, dim)
+    ct = torch.float64 if t.dtype == torch.float64 else torch.float32
+    # Same operation order as both sources ((-ln P * i) / denominator), so float32 results agree bit for bit.
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=ct, device=t.device) / (half - freq_shift))
     args = t.to(ct)[:, None] * freqs[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -65,16 +72,27 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000) -> Tensor
     return embedding
 
 
-class TimestepEmbedder(nn.Module):
-    """Scalar timesteps -> vectors: sinusoidal features then a 2-layer SiLU MLP (DiT).
+def _check_freq_shift(freq_shift: int, dim: int) -> None:
+    if freq_shift not in (0, 1) or dim // 2 - freq_shift < 1:
+        raise ValueError(
+            f"freq_shift must be 0 (fb DiT) or 1 (diffusers' DiT) and below dim // 2 = {dim // 2}, got {freq_shift!r}"
+        )
 
-    ``self.mlp`` keys ``mlp.0``, ``mlp.2`` match fb DiT; init as DiT's ``initialize_weights``: weights
-    normal std 0.02, biases 0. t: (B,) -> (B, hidden_size) in the MLP's dtype.
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> vectors: sinusoidal features then a 2-layer SiLU MLP (DiT ``TimestepEmbedder``).
+
+    ``self.mlp`` keys ``mlp.0``, ``mlp.2`` match fb DiT (diffusers: ``timestep_embedder.linear_1/2``);
+    init as DiT's ``initialize_weights``: weights normal std 0.02, biases 0. ``freq_shift`` picks the
+    sinusoid's frequency spacing (``timestep_embedding``: 0 fb DiT, 1 diffusers' DiT).
+    t: (B,) -> (B, hidden_size) in the MLP's dtype.
     """
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256) -> None:
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, *, freq_shift: int = 0) -> None:
         super().__init__()
         self.hidden_size, self.frequency_embedding_size = hidden_size, frequency_embedding_size
+        self.freq_shift = freq_shift
+        _check_freq_shift(freq_shift, frequency_embedding_size)
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size),
             nn.SiLU(),
@@ -85,8 +103,11 @@ class TimestepEmbedder(nn.Module):
             nn.init.zeros_(self.mlp[i].bias)
 
     def forward(self, t: Tensor) -> Tensor:
-        t_freq = timestep_embedding(t, self.frequency_embedding_size)
+        t_freq = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"frequency_embedding_size={self.frequency_embedding_size}, freq_shift={self.freq_shift}"
 
 
 class LabelEmbedding(nn.Module):
@@ -203,34 +224,94 @@ class FourierEmbedding(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Conv patchify (timm ``PatchEmbed`` as DiT uses it): (B, C, H, W) -> (B, N, D) row-major tokens.
+    """Non-overlapping patches by a stride-``patch_size`` ConvNd; by default timm's ``PatchEmbed`` as DiT uses it.
 
-    ``self.proj`` is a stride-``patch_size`` Conv2d so the key is ``x_embedder.proj.weight`` as in fb
-    DiT; init as DiT: xavier-uniform on the flattened kernel, bias 0. ``grid_size = (H/p, W/p)``.
+    Two layouts of one module:
+
+    - ``channels_last=False`` (DiT, timm, diffusers): x (B, C, *spatial) -> (B, N, D) tokens in row-major
+      patch order (for images (B, C, H, W) -> (B, H/p * W/p, D));
+    - ``channels_last=True`` (the project convention, ``ClassificationResNet``): x (B, *spatial, C) ->
+      (B, *spatial / p, D), a channels-last token grid.
+
+    ``input_size`` fixes the spatial size (int for every axis, or one int per axis); ``None`` accepts any
+    size divisible by ``patch_size`` (``img_size``, ``grid_size`` and ``num_patches`` are then None).
+    ``self.proj`` is the conv, so the key is ``x_embedder.proj.weight`` as in fb DiT. ``init="dit"``
+    is fb DiT's ``initialize_weights`` (xavier-uniform on the kernel viewed as (D, -1), like an nn.Linear
+    on the flattened patch; bias 0); ``init="torch"`` keeps ConvNd's default init.
     """
 
     def __init__(
-        self, input_size: int | tuple[int, int], patch_size: int, in_channels: int, embed_dim: int
+        self,
+        input_size: int | tuple[int, ...] | None,
+        patch_size: int,
+        in_channels: int,
+        embed_dim: int,
+        *,
+        spatial_dims: int = 2,
+        channels_last: bool = False,
+        init: str = "dit",
     ) -> None:
         super().__init__()
-        self.img_size = _pair(input_size, "input_size")
-        p = _pair(patch_size, "patch_size")[0]
-        if any(s % p for s in self.img_size):
+        if spatial_dims not in (1, 2, 3):
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}")
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+            raise ValueError(f"patch_size must be an int >= 1, got {patch_size!r}")
+        self.init = check_choice(init, "init", PATCH_INITS)
+        p = patch_size
+        self.img_size = None if input_size is None else _sizes(input_size, spatial_dims, "input_size")
+        if self.img_size is not None and any(s % p for s in self.img_size):
             raise ValueError(f"input_size {self.img_size} must be divisible by patch_size {p}")
-        self.patch_size = (p, p)
-        self.grid_size = (self.img_size[0] // p, self.img_size[1] // p)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.grid_size = None if self.img_size is None else tuple(s // p for s in self.img_size)
+        self.num_patches = None if self.grid_size is None else math.prod(self.grid_size)
+        self.patch_size = (p,) * spatial_dims
         self.in_channels, self.embed_dim = in_channels, embed_dim
-        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=p, stride=p)
-        nn.init.xavier_uniform_(self.proj.weight.view(embed_dim, -1))
+        self.spatial_dims, self.channels_last = spatial_dims, channels_last
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial_dims - 1]
+        self.proj = conv(in_channels, embed_dim, kernel_size=p, stride=p)
+        if init == "dit":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """This module's named init (``init``): ``"dit"`` as fb DiT, ``"torch"`` ConvNd's default."""
+        if self.init == "torch":
+            self.proj.reset_parameters()
+            return
+        nn.init.xavier_uniform_(self.proj.weight.view(self.embed_dim, -1))
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_tensor(x, "x", min_dim=4)
-        expected = (self.in_channels, *self.img_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        self._check(x)
+        if self.channels_last:
+            return self.proj(x.movedim(-1, 1)).movedim(1, -1)
         return self.proj(x).flatten(2).transpose(1, 2)
+
+    def _check(self, x: Tensor) -> None:
+        n, c = self.spatial_dims, self.in_channels
+        if self.channels_last:
+            check_tensor(x, "x")
+            spatial = tuple(x.shape[1:-1])
+            if x.dim() != n + 2 or x.shape[-1] != c:
+                raise ValueError(
+                    f"x must be (B, *spatial, {c}) with {n} token axes (channels-last), got {tuple(x.shape)}"
+                )
+        else:
+            check_tensor(x, "x", min_dim=n + 2)
+            spatial = tuple(x.shape[2:])
+            if self.img_size is not None:
+                expected = (c, *self.img_size)
+                if x.dim() != n + 2 or tuple(x.shape[1:]) != expected:
+                    raise ValueError(
+                        f"x must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
+                    )
+            elif x.dim() != n + 2 or x.shape[1] != c:
+                raise ValueError(f"x must be (B, {c}, *spatial) with {n} spatial axes, got {tuple(x.shape)}")
+        if self.img_size is not None and spatial != self.img_size:
+            raise ValueError(f"x must have spatial size {self.img_size}, got {spatial} (shape {tuple(x.shape)})")
+        if any(s % self.patch_size[0] for s in spatial):
+            raise ValueError(
+                f"every spatial size of x {spatial} must be divisible by patch_size {self.patch_size[0]}"
+            )
 
 
 def _sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
@@ -247,7 +328,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | tuple[int, int]) ->
     DiT builds ``meshgrid(grid_w, grid_h)`` and its ``emb_h`` reads ``grid[0]``, the w coordinate. For
     square grids this is DiT's table exactly; (h, w) grids extend it in the same token order as PatchEmbed.
     """
-    h, w = _pair(grid_size, "grid_size")
+    h, w = _sizes(grid_size, 2, "grid_size")
     if embed_dim % 4:
         raise ValueError(f"embed_dim must be divisible by 4 (sin and cos per axis), got {embed_dim}")
     rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
