@@ -26,7 +26,6 @@ sample from the ``generator`` passed to the forward (or the global RNG), in the 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -34,11 +33,11 @@ from torch import Tensor, nn
 
 from adaln.checks import check_tensor
 from adaln.diffusion import EDMPrecond
-from adaln.models.dit import EDMTimestep
+from adaln.models.dit import DiTBase, EDMTimestep
 from adaln.nn.adaln import AdaLNZero
 from adaln.nn.attention import Attention, CrossAttention
 from adaln.nn.blocks import DiTBlock, FinalLayer
-from adaln.nn.embeddings import LabelEmbedding, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
+from adaln.nn.embeddings import LabelEmbedding
 from adaln.nn.mlp import Mlp
 
 __all__ = [
@@ -227,7 +226,7 @@ class CrossDiTBlock(nn.Module):
 #################################################################################
 
 
-class ConditionalDiT(nn.Module):
+class ConditionalDiT(DiTBase):
     """DiT with any combination of class, pooled-vector and token conditioners (or none: time only).
 
     forward(x (B, C, H, W), t (B,), y (B,) int | None, vec (B, vec_dim) | None, tokens (B, M, token_dim)
@@ -236,7 +235,9 @@ class ConditionalDiT(nn.Module):
     ``CrossDiTBlock`` attending to ``token_embedder(tokens)``, else a ``DiTBlock``. A conditioner that is
     configured but not given takes its null value (see the module docstring); one given but not
     configured raises ``ValueError``. ``*_dropout`` are the training probabilities of nulling each.
-    Initialisation is DiT's (``DiT.initialize_weights``) plus the embedders' and zero cross gates.
+    Patches, positions, final layer, input checks and initialisation are ``adaln.models.dit.DiTBase``'s
+    (fb DiT's ``initialize_weights``; the vec/token embedders keep theirs; cross-attention gates start at 0).
+    ``x`` must have the parameters' dtype (any dtype under ``torch.autocast``) and every input their device.
     """
 
     def __init__(
@@ -261,55 +262,24 @@ class ConditionalDiT(nn.Module):
         for name, value in (("num_classes", num_classes), ("vec_dim", vec_dim), ("token_dim", token_dim)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.input_size = tuple(self.x_embedder.img_size)
-        self.grid_size = tuple(self.x_embedder.grid_size)
-        self.patch_size, self.in_channels, self.hidden_size = patch_size, in_channels, hidden_size
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.depth, self.num_heads, self.mlp_ratio, self.learn_sigma = depth, num_heads, mlp_ratio, learn_sigma
+        self._build_stem(input_size, patch_size, in_channels, hidden_size, learn_sigma=learn_sigma)
+        self.depth, self.num_heads, self.mlp_ratio = depth, num_heads, mlp_ratio
         self.num_classes, self.vec_dim, self.token_dim = num_classes, vec_dim, token_dim
 
-        self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = None if num_classes is None else LabelEmbedding(
             num_classes, hidden_size, _check_prob(y_dropout, "y_dropout")
         )
         self.vec_embedder = None if vec_dim is None else VectorEmbedder(vec_dim, hidden_size, vec_dropout)
         self.token_embedder = None if token_dim is None else TokenEmbedder(token_dim, hidden_size, token_dropout)
-        # Fixed 2-D sin-cos positions, filled in initialize_weights (a buffer, as in our DiT).
-        self.register_buffer("pos_embed", torch.zeros(1, math.prod(self.grid_size), hidden_size))
+        self._register_pos_embed("tokens")
         block = CrossDiTBlock if token_dim is not None else DiTBlock
         self.blocks = nn.ModuleList(block(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self._build_head()
         self.initialize_weights()
 
-    @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """DiT's initialisation; embedders keep their own (normal 0.02); every AdaLN-Zero gate 0."""
-        embedders = {id(m) for e in (self.vec_embedder, self.token_embedder) if e is not None for m in e.modules()}
-        # Every other Linear: xavier-uniform weight, zero bias (DiT's _basic_init).
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and id(module) not in embedders:
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        pos = torch.as_tensor(get_2d_sincos_pos_embed(self.hidden_size, self.grid_size), dtype=torch.float32)
-        self.pos_embed.copy_(pos.reshape(self.pos_embed.shape))
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every shift, scale and gate 0 (cross-attention branches included) -> identity blocks.
-        for block in self.blocks:
-            modulations = [block.adaLN_modulation] + ([block.cross_modulation] if self.token_dim else [])
-            for modulation in modulations:
-                nn.init.zeros_(modulation.proj[-1].weight)
-                nn.init.zeros_(modulation.proj[-1].bias)
-        # Zero output layer: the network predicts 0 at init.
-        for linear in (self.final_layer.adaLN_modulation.proj[-1], self.final_layer.linear):
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
+    def _keeps_own_init(self) -> tuple[nn.Module, ...]:
+        # The pooled-vector and token embedders keep their own init (normal 0.02, PixArt's null token).
+        return tuple(e for e in (self.vec_embedder, self.token_embedder) if e is not None)
 
     @property
     def conditioners(self) -> tuple[str, ...]:
@@ -332,12 +302,6 @@ class ConditionalDiT(nn.Module):
             raise ValueError("y has no null class: build the model with y_dropout > 0 to guide on y")
         nulls = {"y": self.num_classes, "vec": 0.0, "tokens": False}
         return {("token_mask" if k == "tokens" else k): nulls[k] for k in keys}
-
-    def unpatchify(self, x: Tensor) -> Tensor:
-        """(B, N, p*p*C_out) tokens -> (B, C_out, H, W); token n is patch (n // w, n % w)."""
-        (h, w), p, c = self.grid_size, self.patch_size, self.out_channels
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
     def condition(
         self, t: Tensor, y: Tensor | None, vec: Tensor | None, generator: torch.Generator | None
@@ -382,15 +346,7 @@ class ConditionalDiT(nn.Module):
         return self.unpatchify(self.final_layer(h, c))
 
     def _check_inputs(self, x, t, y, vec, tokens, token_mask) -> None:
-        expected = (self.in_channels, *self.input_size)
-        check_tensor(x, "x", min_dim=4)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        b = x.shape[0]
-        if not isinstance(t, Tensor) or t.dtype == torch.bool or t.is_complex():
-            raise TypeError(f"t must be a real torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != (b,):
-            raise ValueError(f"t must have shape (B,) = ({b},), got {tuple(t.shape)}")
+        b = self._check_x_t(x, t)
         given = {"y": y, "vec": vec, "tokens": tokens if tokens is not None else token_mask}
         extra = [k for k, v in given.items() if v is not None and k not in self.conditioners]
         if extra:
@@ -400,17 +356,14 @@ class ConditionalDiT(nn.Module):
                 f"{list(self.conditioners) or 'none, time only'})"
             )
         if y is not None:
-            if not isinstance(y, Tensor) or y.dtype not in (torch.int32, torch.int64):
-                got = y.dtype if isinstance(y, Tensor) else type(y).__name__
-                raise TypeError(f"y must be an int32/int64 tensor of class ids, got {got}")
-            if tuple(y.shape) != (b,):
-                raise ValueError(f"y must have shape (B,) = ({b},), got {tuple(y.shape)}")
+            self._check_y(y, b)
         if vec is not None:
             check_tensor(vec, "vec")
             if tuple(vec.shape) != (b, self.vec_dim):
                 raise ValueError(f"vec must have shape (B, vec_dim) = ({b}, {self.vec_dim}), got {tuple(vec.shape)}")
         if self.token_embedder is not None:
             self.token_embedder.check(tokens, token_mask, b)
+        self._check_devices(vec=vec, tokens=tokens, token_mask=token_mask)
 
     def extra_repr(self) -> str:
         return (

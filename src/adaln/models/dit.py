@@ -5,41 +5,235 @@ Matches facebookresearch/DiT ``models.py`` (``DiT``, ``initialize_weights``, ``u
 ``DiT.load_facebookresearch_state_dict``. Where we deliberately differ from that file:
 
 - the input may be non-square (``input_size=(H, W)``); the sin-cos grid and ``unpatchify`` follow;
-- ``forward`` checks its inputs (shape, dtype, class range) and raises ``ValueError``/``TypeError``;
+- ``forward`` checks its inputs (shape, dtype, device, class range) and raises ``ValueError``/``TypeError``;
 - ``pos_embed`` is a persistent buffer (fb: a frozen ``nn.Parameter``; same state-dict key and value);
 - classifier-free guidance is ``adaln.diffusion.ClassifierFreeGuidance`` on an EDM denoiser, all channels;
-  ``forward_with_cfg`` keeps fb's DDPM-loop form, and fb's 3-channel quirk only with ``guided_channels=3``.
+  ``forward_with_cfg`` keeps fb's DDPM-loop form, and fb's 3-channel quirk only with ``guided_channels=3``;
+- two switches reproduce diffusers' ``DiTTransformer2DModel`` instead (``DiT.from_diffusers`` sets them):
+  ``freq_shift=1`` (its timestep frequencies ``exp(-ln(1e4) i / 127)``, fb ``/ 128``) and
+  ``mlp_norm_eps`` (its config's ``norm_eps`` on the MLP-branch LayerNorm; fb 1e-6 everywhere).
 
 Images enter and leave as ``(B, C, H, W)`` (fb's layout, also diffusers'); tokens inside are ``(B, N, D)``
 in row-major patch order. The adaLN projections live at ``adaLN_modulation.proj.1`` (fb:
-``adaLN_modulation.1``); the converters below rename them.
+``adaLN_modulation.1``); the converters below rename them. ``DiTBase`` holds what ``DiT``,
+``adaln.models.conditioning.ConditionalDiT`` and ``adaln.models.residual_denoiser.ResidualDenoiser`` share.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from os import PathLike
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from adaln.diffusion import EDMPrecond, VPEpsDenoiser
-from adaln.nn.blocks import DiTBlock, FinalLayer
+from adaln.functional import norm_modulate
+from adaln.nn.adaln import AdaLNZero
+from adaln.nn.blocks import AdaLNZeroResidualBlock, DiTBlock, FinalLayer
 from adaln.nn.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
+
+FB_EPS = 1e-6  # every LayerNorm of fb DiT
+
+#################################################################################
+#            The frame DiT, ConditionalDiT and ResidualDenoiser share           #
+#################################################################################
+
+
+class DiTBase(nn.Module):
+    """Patches in, fixed sin-cos positions, timestep embedding, adaLN final layer, unpatchify out;
+    fb DiT's ``initialize_weights``; the input checks at the public boundary.
+
+    A subclass calls ``_build_stem`` first, then builds its conditioners, ``_register_pos_embed``, its
+    ``self.blocks`` and ``_build_head``, in that order (fb's module order, so a seeded init draws as
+    fb's does), and finally ``initialize_weights``. ``_keeps_own_init`` names sub-modules whose Linears
+    keep their own init (fb's ``_basic_init`` reaches every Linear of its DiT).
+    """
+
+    def _build_stem(
+        self,
+        input_size: int | tuple[int, int],
+        patch_size: int,
+        in_channels: int,
+        hidden_size: int,
+        *,
+        learn_sigma: bool,
+        freq_shift: int = 0,
+    ) -> None:
+        """``x_embedder`` (PatchEmbed) and ``t_embedder`` (TimestepEmbedder), and the geometry attributes."""
+        self.x_embedder = PatchEmbed(_pair(input_size, "input_size"), patch_size, in_channels, hidden_size)
+        self.input_size, self.grid_size = self.x_embedder.img_size, self.x_embedder.grid_size
+        self.patch_size, self.in_channels, self.hidden_size = patch_size, in_channels, hidden_size
+        self.learn_sigma = learn_sigma
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=freq_shift)
+
+    def _register_pos_embed(self, layout: str | None) -> None:
+        """The fixed 2-D sin-cos table as a buffer (no optimizer sees it), filled in ``initialize_weights``:
+        ``"tokens"`` (1, N, D) as fb's ``pos_embed``, ``"grid"`` (1, h, w, D) for channels-last grids, None."""
+        shapes = {"tokens": (1, self.grid_size[0] * self.grid_size[1]), "grid": (1, *self.grid_size)}
+        value = None if layout is None else torch.zeros(*shapes[layout], self.hidden_size)
+        self.register_buffer("pos_embed", value)
+
+    def _build_head(self) -> None:
+        self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels)
+
+    def _keeps_own_init(self) -> tuple[nn.Module, ...]:
+        return ()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """facebookresearch/DiT ``DiT.initialize_weights``, in its order (later steps overwrite earlier ones)."""
+        own = {id(m) for part in self._keeps_own_init() for m in part.modules()}
+        # Every Linear: xavier-uniform weight, zero bias (fb's _basic_init).
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and id(module) not in own:
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        # Sin-cos positions computed in float64 and stored in float32, as fb's checkpoints hold them.
+        if self.pos_embed is not None:
+            pos = torch.as_tensor(get_2d_sincos_pos_embed(self.hidden_size, self.grid_size), dtype=torch.float32)
+            self.pos_embed.copy_(pos.reshape(self.pos_embed.shape))
+
+        # Patch embedding like an nn.Linear on the flattened patch: xavier-uniform weight, zero bias.
+        self.x_embedder.reset_parameters()
+
+        if getattr(self, "y_embedder", None) is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # adaLN-Zero: zero modulation makes every shift, scale and gate 0, so each block starts as the identity.
+        for linear in self._adaln_zero_linears():
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+        # Zero output layer: the network predicts 0 at init (and the final modulation starts neutral).
+        for linear in (self.final_layer.adaLN_modulation.proj[-1], self.final_layer.linear):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def _adaln_zero_linears(self) -> Iterator[nn.Linear]:
+        """The modulation Linear of every AdaLN-Zero in the blocks (cross-attention branches included)."""
+        for module in self.blocks.modules():
+            if isinstance(module, AdaLNZero):
+                yield module.proj[-1]
+            elif isinstance(module, AdaLNZeroResidualBlock):
+                yield module.condition_proj[1]
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """(B, N, p*p*C_out) or (B, h, w, p*p*C_out) tokens -> (B, C_out, H, W); token n is patch (n // w, n % w)."""
+        (h, w), p, c = self.grid_size, self.patch_size, self.out_channels
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    # ---- input checks (fb has none): every error names the argument and what was expected ------------
+
+    def _check_x_t(self, x: Tensor, t: Tensor) -> int:
+        """x (B, C, H, W) floating, in the model's dtype (unless autocast is on) and on its device; t (B,)
+        real on the same device. Returns B."""
+        expected = (self.in_channels, *self.input_size)
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point torch.Tensor, got {_describe_value(x)}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        b = x.shape[0]
+        if not isinstance(t, Tensor) or t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"t must be a real (integer or float) torch.Tensor, got {_describe_value(t)}")
+        if tuple(t.shape) != (b,):
+            raise ValueError(f"t must have shape (B,) = ({b},), got {tuple(t.shape)}")
+        self._check_devices(x=x, t=t)
+        weight = self.x_embedder.proj.weight
+        if x.dtype != weight.dtype and not _autocast_enabled(x.device):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the model's parameters are {weight.dtype}: cast one to the other "
+                f"(x.to({weight.dtype}) or model.to({x.dtype})), or call the model under torch.autocast"
+            )
+        return b
+
+    def _check_y(self, y: Tensor, b: int) -> None:
+        """y (B,) int32/int64 class ids within the label table (the null class where it has one)."""
+        if not isinstance(y, Tensor) or y.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"y must be an integer (int32/int64) torch.Tensor of class ids, got {_describe_value(y)}")
+        if tuple(y.shape) != (b,):
+            raise ValueError(f"y must have shape (B,) = ({b},), got {tuple(y.shape)}")
+        self._check_devices(y=y)
+        high = self.y_embedder.embedding_table.num_embeddings - 1
+        # Data-dependent check: a host sync, skipped while tracing for torch.compile.
+        if not torch.compiler.is_compiling() and bool(((y < 0) | (y > high)).any()):
+            null = f"{high} = null class" if high == self.num_classes else "no null class: built without label dropout"
+            raise ValueError(
+                f"y must hold class ids in [0, {high}] ({null}), got values in [{int(y.min())}, {int(y.max())}]"
+            )
+
+    def _check_devices(self, **tensors: Tensor | None) -> None:
+        device = self.x_embedder.proj.weight.device
+        for name, value in tensors.items():
+            if value is not None and value.device != device:
+                raise ValueError(
+                    f"{name} is on {value.device} but the model's parameters are on {device}; "
+                    f"move it with {name}.to({str(device)!r})"
+                )
+
+
+def _autocast_enabled(device: torch.device) -> bool:
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
+def _pair(size: int | tuple[int, int], name: str) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        return int(size[0]), int(size[1])
+    raise TypeError(f"{name} must be an int or a pair of ints (H, W), got {size!r}")
+
+
+def _describe_value(v: object) -> str:
+    return f"{type(v).__name__} of dtype {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
+
 
 #################################################################################
 #                                 Core DiT Model                                #
 #################################################################################
 
 
-class DiT(nn.Module):
+class MlpEpsDiTBlock(DiTBlock):
+    """``adaln.nn.DiTBlock`` whose MLP-branch LayerNorm has its own eps ``mlp_norm_eps``.
+
+    diffusers' ``BasicTransformerBlock`` (``norm_type="ada_norm_zero"``) normalises the MLP branch with
+    ``norm3 = LayerNorm(dim, norm_eps)`` from its config (class default 1e-5) while its attention-branch
+    norm (``AdaLayerNormZero.norm``) keeps 1e-6; fb uses 1e-6 for both. With ``mlp_norm_eps=1e-6`` this
+    is ``DiTBlock`` exactly. x (B, N, C), c (B, C) -> (B, N, C).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, mlp_norm_eps: float = FB_EPS):
+        super().__init__(hidden_size, num_heads, mlp_ratio=mlp_ratio)
+        self.mlp_norm_eps = mlp_norm_eps
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        ada = self.adaLN_modulation
+        (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = ada(c)
+        x = ada.residual(x, self.attn(ada.modulate(x, shift_msa, scale_msa)), gate_msa)
+        h = norm_modulate(x, shift_mlp, scale_mlp, norm="layer", eps=self.mlp_norm_eps)
+        return ada.residual(x, self.mlp(h), gate_mlp)
+
+
+class DiT(DiTBase):
     """Diffusion model with a Transformer backbone (facebookresearch/DiT ``models.DiT``).
 
     forward(x (B, C, H, W), t (B,) DDPM timestep (may be fractional), y (B,) class ids in
     [0, num_classes], ``num_classes`` being the null class) -> (B, out_channels, H, W); with
     ``learn_sigma`` the first C output channels are eps and the last C the variance interpolation.
+    ``x`` must have the parameters' dtype (any dtype under ``torch.autocast``) and every input their device.
+
+    ``freq_shift`` and ``mlp_norm_eps`` default to fb's model; ``freq_shift=1`` and the diffusers config's
+    ``norm_eps`` give diffusers' ``DiTTransformer2DModel`` (see the module docstring, ``from_diffusers``).
     """
 
     def __init__(
@@ -54,69 +248,30 @@ class DiT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
+        *,
+        freq_shift: int = 0,
+        mlp_norm_eps: float = FB_EPS,
     ) -> None:
         super().__init__()
         if not 0.0 <= class_dropout_prob <= 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1], got {class_dropout_prob}")
-        self.input_size = _pair(input_size, "input_size")
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.hidden_size = hidden_size
-        self.depth = depth
-        self.num_heads = num_heads
-        self.mlp_ratio = mlp_ratio
-        self.class_dropout_prob = class_dropout_prob
-        self.num_classes = num_classes
-        self.learn_sigma = learn_sigma
+        if not mlp_norm_eps > 0:
+            raise ValueError(f"mlp_norm_eps must be > 0, got {mlp_norm_eps!r}")
+        self._build_stem(
+            input_size, patch_size, in_channels, hidden_size, learn_sigma=learn_sigma, freq_shift=freq_shift
+        )
+        self.depth, self.num_heads, self.mlp_ratio = depth, num_heads, mlp_ratio
+        self.class_dropout_prob, self.num_classes = class_dropout_prob, num_classes
+        self.freq_shift, self.mlp_norm_eps = freq_shift, mlp_norm_eps
 
-        self.x_embedder = PatchEmbed(self.input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.grid_size = tuple(self.x_embedder.grid_size)
-        # Fixed 2-D sin-cos embedding, filled in initialize_weights; a buffer so no optimizer sees it.
-        self.register_buffer("pos_embed", torch.zeros(1, self.grid_size[0] * self.grid_size[1], hidden_size))
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self._register_pos_embed("tokens")
+        self.blocks = nn.ModuleList(
+            MlpEpsDiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, mlp_norm_eps=mlp_norm_eps)
+            for _ in range(depth)
+        )
+        self._build_head()
         self.initialize_weights()
-
-    @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """fb DiT's initialisation, in the same order (later steps overwrite earlier ones)."""
-
-        # Every Linear: xavier-uniform weight, zero bias (fb's _basic_init).
-        self.apply(_basic_init)
-
-        # Sin-cos positions computed in float64 and stored in float32, as fb's checkpoints hold them.
-        pos = torch.as_tensor(get_2d_sincos_pos_embed(self.hidden_size, self.grid_size), dtype=torch.float32)
-        self.pos_embed.copy_(pos.reshape(self.pos_embed.shape))
-
-        # Patch embedding initialised like an nn.Linear on the flattened patch; its bias keeps Conv2d's
-        # default uniform init, as in fb (whose _basic_init touches nn.Linear only).
-        self.x_embedder.proj.reset_parameters()
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-
-        # adaLN-Zero: zero modulation makes every shift, scale and gate 0, so each block starts as the identity.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation.proj[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation.proj[-1].bias)
-
-        # Zero output layer: the network predicts 0 at init (and the final modulation starts neutral).
-        nn.init.zeros_(self.final_layer.adaLN_modulation.proj[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation.proj[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
-
-    def unpatchify(self, x: Tensor) -> Tensor:
-        """(B, N, p*p*C_out) tokens -> (B, C_out, H, W); token n is patch (n // w, n % w)."""
-        (h, w), p, c = self.grid_size, self.patch_size, self.out_channels
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """x (B, C, H, W), t (B,), y (B,) int -> (B, out_channels, H, W).
@@ -124,7 +279,7 @@ class DiT(nn.Module):
         In training mode labels are replaced by the null class with probability ``class_dropout_prob``
         (drawn with ``generator`` when given).
         """
-        self._check_inputs(x, t, y)
+        self._check_y(y, self._check_x_t(x, t))
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, generator=generator)  # (B, D)
         for block in self.blocks:
@@ -154,33 +309,12 @@ class DiT(nn.Module):
         guided = uncond + cfg_scale * (cond - uncond)
         return torch.cat([torch.cat([guided, guided]), out[:, k:]], dim=1)
 
-    def _check_inputs(self, x: Tensor, t: Tensor, y: Tensor) -> None:
-        expected = (self.in_channels, *self.input_size)
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point torch.Tensor, got {_describe_value(x)}")
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        b = x.shape[0]
-        if not isinstance(t, Tensor) or t.dtype == torch.bool or t.is_complex():
-            raise TypeError(f"t must be a real (integer or float) torch.Tensor, got {_describe_value(t)}")
-        if tuple(t.shape) != (b,):
-            raise ValueError(f"t must have shape (B,) = ({b},), got {tuple(t.shape)}")
-        if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise TypeError(f"y must be an integer torch.Tensor of class ids, got {_describe_value(y)}")
-        if tuple(y.shape) != (b,):
-            raise ValueError(f"y must have shape (B,) = ({b},), got {tuple(y.shape)}")
-        # Data-dependent check: a host sync, skipped while tracing for torch.compile.
-        if not torch.compiler.is_compiling() and bool(((y < 0) | (y > self.num_classes)).any()):
-            raise ValueError(
-                f"y must hold class ids in [0, {self.num_classes}] ({self.num_classes} = null class), "
-                f"got values in [{int(y.min())}, {int(y.max())}]"
-            )
-
     def extra_repr(self) -> str:
         return (
             f"input_size={self.input_size}, patch_size={self.patch_size}, in_channels={self.in_channels}, "
             f"hidden_size={self.hidden_size}, depth={self.depth}, num_heads={self.num_heads}, "
-            f"num_classes={self.num_classes}, learn_sigma={self.learn_sigma}"
+            f"num_classes={self.num_classes}, learn_sigma={self.learn_sigma}, freq_shift={self.freq_shift}, "
+            f"mlp_norm_eps={self.mlp_norm_eps}"
         )
 
     # ---- checkpoint layouts ------------------------------------------------------------------------
@@ -198,8 +332,30 @@ class DiT(nn.Module):
         """This model's state dict in facebookresearch/DiT's layout (loads into ``models.DiT``)."""
         return {_ours_to_fb_key(k): v for k, v in self.state_dict().items()}
 
+    @classmethod
+    def from_diffusers(cls, model: nn.Module) -> DiT:
+        """Our DiT with a diffusers ``DiTTransformer2DModel``'s settings and weights: the same outputs.
+
+        The settings come from ``model.config`` (``dit_kwargs_from_diffusers``: ``freq_shift=1``,
+        ``mlp_norm_eps=norm_eps``); the state dict is checked against that config before anything is
+        loaded. The result has the model's dtype, device and train/eval mode; call it
+        ``ours(x, t, y)`` with the ``hidden_states``, ``timestep`` and ``class_labels`` diffusers takes.
+        """
+        config = dict(model.config)
+        weight = next(model.parameters())
+        ours = cls(**dit_kwargs_from_diffusers(config)).to(weight.dtype)
+        converted = convert_from_diffusers(model.state_dict(), config=config)
+        converted["pos_embed"] = ours.pos_embed
+        _check_state_dict(ours, converted, "diffusers DiTTransformer2DModel", lambda k: k)
+        ours.load_state_dict(converted)
+        return ours.to(weight.device).train(model.training)
+
     def diffusers_config(self) -> dict[str, object]:
-        """Keyword arguments for diffusers' ``DiTTransformer2DModel`` of this size (see ``convert_to_diffusers``)."""
+        """Keyword arguments for diffusers' ``DiTTransformer2DModel`` of this size (``to_diffusers_state_dict``).
+
+        ``norm_eps`` is this model's ``mlp_norm_eps``. diffusers has no switch for the timestep spacing:
+        its model computes what ours does with ``freq_shift=1`` (see ``convert_to_diffusers``).
+        """
         h, w = self.input_size
         if h != w:
             raise ValueError(f"diffusers' DiTTransformer2DModel takes square inputs only; this DiT is {h}x{w}")
@@ -218,38 +374,29 @@ class DiT(nn.Module):
             num_embeds_ada_norm=self.num_classes,
             norm_type="ada_norm_zero",
             norm_elementwise_affine=False,
-            norm_eps=1e-6,  # fb's MLP-branch LayerNorm eps; diffusers' default 1e-5 would differ
+            norm_eps=self.mlp_norm_eps,
         )
 
     def to_diffusers_state_dict(self) -> dict[str, Tensor]:
-        """This model's weights in diffusers' ``DiTTransformer2DModel`` layout (``diffusers_config()``)."""
+        """This model's weights in diffusers' ``DiTTransformer2DModel`` layout (``diffusers_config()``).
+
+        The diffusers model built from both computes our outputs only when this DiT has ``freq_shift=1``
+        (e.g. one made by ``from_diffusers``); with fb's ``freq_shift=0`` the weights are the same but
+        diffusers evaluates them with its own timestep spacing, which is what diffusers' DiT does with
+        fb's released checkpoints.
+        """
         return convert_to_diffusers(self.state_dict(), num_classes=self.num_classes)
 
     def load_diffusers_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
-        """Load a diffusers ``DiTTransformer2DModel`` state dict; ``pos_embed`` keeps this model's sin-cos."""
+        """Load a diffusers ``DiTTransformer2DModel`` state dict; ``pos_embed`` keeps this model's sin-cos.
+
+        Only the weights: this model keeps its own ``freq_shift`` and ``mlp_norm_eps`` (``from_diffusers``
+        takes both from the diffusers model). Shapes are checked before anything is loaded.
+        """
         converted = convert_from_diffusers(state_dict, null_class=self.class_dropout_prob > 0)
         converted.setdefault("pos_embed", self.pos_embed)
         _check_state_dict(self, converted, "diffusers DiTTransformer2DModel", lambda k: k)
         self.load_state_dict(converted)
-
-
-def _basic_init(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
-def _pair(size: int | tuple[int, int], name: str) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
-        return int(size[0]), int(size[1])
-    raise TypeError(f"{name} must be an int or a pair of ints (H, W), got {size!r}")
-
-
-def _describe_value(v: object) -> str:
-    return f"{type(v).__name__} of dtype {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
 
 
 #################################################################################
@@ -415,6 +562,7 @@ _BLOCK_PAIRS = (
     ("mlp.fc2", "ff.net.2"),
     ("adaLN_modulation.proj.1", "norm1.linear"),  # both chunk (shift, scale, gate) x (msa, mlp)
 )
+_QKV = ("attn1.to_q", "attn1.to_k", "attn1.to_v")
 # diffusers keeps one timestep + label embedder per block (AdaLayerNormZero.emb); all copies are equal.
 _EMB_PAIRS = (
     ("t_embedder.mlp.0", "norm1.emb.timestep_embedder.linear_1"),
@@ -427,6 +575,112 @@ _GLOBAL_PAIRS = (
     ("final_layer.linear", "proj_out_2"),
 )
 _PARAMS = ("weight", "bias")
+
+# DiTTransformer2DModel.__init__'s defaults (diffusers models/transformers/dit_transformer_2d.py).
+_DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
+    num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=None, num_layers=28,
+    dropout=0.0, attention_bias=True, sample_size=32, patch_size=2, activation_fn="gelu-approximate",
+    num_embeds_ada_norm=1000, norm_type="ada_norm_zero", norm_elementwise_affine=False, norm_eps=1e-5,
+)  # fmt: skip
+_DIFFUSERS_FREQ_SHIFT = 1  # CombinedTimestepLabelEmbeddings: Timesteps(256, True, downscale_freq_shift=1)
+_DIFFUSERS_MLP_RATIO = 4  # BasicTransformerBlock's FeedForward(mult=4)
+_DIFFUSERS_LABEL_DROPOUT = 0.1  # CombinedTimestepLabelEmbeddings(class_dropout_prob=0.1): a null row always
+
+
+def dit_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``DiT`` keyword arguments giving a diffusers ``DiTTransformer2DModel`` config's network and outputs.
+
+    Missing keys take diffusers' class defaults. ``freq_shift=1`` and ``mlp_norm_eps=norm_eps`` make
+    the outputs diffusers'; ``learn_sigma`` follows ``out_channels`` (2 * in_channels or in_channels).
+    Configs our DiT cannot express (another activation, no attention bias, affine norms, dropout, an
+    odd ``out_channels``) raise ``ValueError`` naming the key.
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping (a diffusers model's .config), got {type(config).__name__}")
+    c = {**_DIFFUSERS_DEFAULTS, **config}
+    fixed = dict(
+        norm_type="ada_norm_zero", activation_fn="gelu-approximate", attention_bias=True,
+        norm_elementwise_affine=False, dropout=0.0,
+    )  # fmt: skip
+    for key, value in fixed.items():
+        if c[key] != value:
+            raise ValueError(f"config {key}={c[key]!r} is not fb's DiT (our DiT has {key}={value!r})")
+    if c["num_embeds_ada_norm"] is None:
+        raise ValueError("config num_embeds_ada_norm=None: our DiT is class-conditional, it needs a class count")
+    in_ch = c["in_channels"]
+    out_ch = in_ch if c["out_channels"] is None else c["out_channels"]
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise ValueError(f"config out_channels={out_ch} must be in_channels ({in_ch}) or twice it (learn_sigma)")
+    return dict(
+        input_size=c["sample_size"],
+        patch_size=c["patch_size"],
+        in_channels=in_ch,
+        hidden_size=c["num_attention_heads"] * c["attention_head_dim"],
+        depth=c["num_layers"],
+        num_heads=c["num_attention_heads"],
+        mlp_ratio=float(_DIFFUSERS_MLP_RATIO),
+        class_dropout_prob=_DIFFUSERS_LABEL_DROPOUT,
+        num_classes=c["num_embeds_ada_norm"],
+        learn_sigma=out_ch == 2 * in_ch,
+        freq_shift=_DIFFUSERS_FREQ_SHIFT,
+        mlp_norm_eps=float(c["norm_eps"]),
+    )
+
+
+@dataclass(frozen=True)
+class _DiffusersSizes:
+    hidden: int
+    in_channels: int
+    out_channels: int
+    patch: int
+    depth: int
+    num_classes: int
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> _DiffusersSizes:
+        k = dit_kwargs_from_diffusers(config)
+        out = 2 * k["in_channels"] if k["learn_sigma"] else k["in_channels"]
+        return cls(k["hidden_size"], k["in_channels"], out, k["patch_size"], k["depth"], k["num_classes"])
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, Tensor]) -> _DiffusersSizes:
+        """The sizes the patch conv, the output Linear, block 0's label table and the block count imply."""
+        anchors = ("pos_embed.proj.weight", "proj_out_2.weight", f"transformer_blocks.0.{_DIFFUSERS_TABLE}")
+        missing = [k for k in anchors if not isinstance(sd.get(k), Tensor)]
+        conv, out, table = (sd.get(k) for k in anchors)
+        if missing or conv.dim() != 4 or conv.shape[2] != conv.shape[3] or out.dim() != 2 or table.dim() != 2:
+            raise ValueError(
+                f"cannot read the model size from the diffusers state dict (keys {list(anchors)}; missing "
+                f"{missing}); pass config= (the diffusers model's .config)"
+            )
+        p = conv.shape[2]
+        return cls(conv.shape[0], conv.shape[1], out.shape[0] // (p * p), p, _depth(sd, "transformer_blocks."),
+                   table.shape[0] - 1)  # fmt: skip
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every key of the diffusers state dict and its shape."""
+        d, p, ff = self.hidden, self.patch, _DIFFUSERS_MLP_RATIO * self.hidden
+        linears = {
+            "pos_embed.proj": ((d, self.in_channels, p, p), d),
+            "proj_out_1": ((2 * d, d), 2 * d),
+            "proj_out_2": ((p * p * self.out_channels, d), p * p * self.out_channels),
+        }
+        block = {
+            "norm1.emb.timestep_embedder.linear_1": ((d, 256), d),
+            "norm1.emb.timestep_embedder.linear_2": ((d, d), d),
+            "norm1.linear": ((6 * d, d), 6 * d),
+            **{name: ((d, d), d) for name in (*_QKV, "attn1.to_out.0")},
+            "ff.net.0.proj": ((ff, d), ff),
+            "ff.net.2": ((d, ff), d),
+        }
+        for i in range(self.depth):
+            linears.update({f"transformer_blocks.{i}.{k}": v for k, v in block.items()})
+        shapes = {}
+        for name, (weight, bias) in linears.items():
+            shapes[f"{name}.weight"], shapes[f"{name}.bias"] = weight, (bias,)
+        for i in range(self.depth):
+            shapes[f"transformer_blocks.{i}.{_DIFFUSERS_TABLE}"] = (self.num_classes + 1, d)
+        return shapes
 
 
 def _depth(keys, prefix: str) -> int:
@@ -459,16 +713,18 @@ class _Reader:
 def convert_to_diffusers(state_dict: Mapping[str, Tensor], *, num_classes: int) -> dict[str, Tensor]:
     """Our DiT state dict -> diffusers ``DiTTransformer2DModel`` (configure it with ``DiT.diffusers_config``).
 
-    The mapping is exact; diffusers' model itself differs from fb's DiT in two places, so equal weights
-    do not give equal outputs unless these are matched:
+    The mapping of weights is exact. What the diffusers model then computes depends on our DiT's settings,
+    because diffusers' model differs from fb's in two places and has a config switch for only one:
 
     - timestep frequencies: diffusers' ``Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1)``
-      uses ``exp(-ln(10000) * i / 127)``, fb ``exp(-ln(10000) * i / 128)`` (i = 0..127; both cos first);
-    - the MLP-branch LayerNorm eps is the config's ``norm_eps`` (class default 1e-5, fb 1e-6;
-      ``diffusers_config`` sets 1e-6).
+      uses ``exp(-ln(10000) * i / 127)``, fb ``exp(-ln(10000) * i / 128)`` (i = 0..127; both cos first).
+      Our ``freq_shift=1`` is diffusers' spacing; diffusers cannot be set to fb's;
+    - the MLP-branch LayerNorm eps is the config's ``norm_eps`` (class default 1e-5, fb 1e-6);
+      ``diffusers_config`` writes our ``mlp_norm_eps`` there.
 
-    With both matched, float32 outputs agree to the bit in our tests; a float64 diffusers model still
-    computes its timestep sinusoid in float32 (about 4e-6 away from a float64 DiT).
+    So a DiT with diffusers' settings (``freq_shift=1``, as ``DiT.from_diffusers`` builds it) gives the
+    diffusers model its own outputs (float32: within 1e-5 relative in our tests); a DiT with fb's settings
+    (``freq_shift=0``) gives a diffusers model that computes diffusers' DiT on fb's weights, not fb's.
 
     ``pos_embed`` is dropped (diffusers recomputes it, non-persistent). diffusers' label table always
     has a null row (num_classes + 1 rows); a table without one gets a zero row appended.
@@ -494,8 +750,8 @@ def convert_to_diffusers(state_dict: Mapping[str, Tensor], *, num_classes: int) 
         out.update({f"transformer_blocks.{i}.{k}": v for k, v in emb.items() if v is not None})
         for p in _PARAMS:
             if (qkv := read(f"blocks.{i}.attn.qkv.{p}")) is not None:
-                for name, part in zip(("to_q", "to_k", "to_v"), qkv.chunk(3, dim=0)):
-                    out[f"transformer_blocks.{i}.attn1.{name}.{p}"] = part
+                for name, part in zip(_QKV, qkv.chunk(3, dim=0)):
+                    out[f"transformer_blocks.{i}.{name}.{p}"] = part
             for ours, theirs in _BLOCK_PAIRS:
                 if (v := read(f"blocks.{i}.{ours}.{p}")) is not None:
                     out[f"transformer_blocks.{i}.{theirs}.{p}"] = v
@@ -503,49 +759,74 @@ def convert_to_diffusers(state_dict: Mapping[str, Tensor], *, num_classes: int) 
     return out
 
 
-def convert_from_diffusers(state_dict: Mapping[str, Tensor], *, null_class: bool = True) -> dict[str, Tensor]:
+def convert_from_diffusers(
+    state_dict: Mapping[str, Tensor], *, config: Mapping[str, Any] | None = None, null_class: bool = True
+) -> dict[str, Tensor]:
     """diffusers ``DiTTransformer2DModel`` state dict -> ours (without ``pos_embed``, which diffusers
-    does not store). The per-block embedder copies must be equal (they are in every converted fb
-    checkpoint); ``null_class=False`` drops the table's null row (for ``class_dropout_prob=0``).
+    does not store).
+
+    Checked before anything is converted, in one ``ValueError`` naming every missing, unexpected and
+    mis-shaped key (diffusers names, got and expected shapes): against ``config`` (the diffusers model's
+    ``.config``, or ``DiT.diffusers_config()``) when given, else against the sizes that the patch conv,
+    ``proj_out_2``, block 0's label table and the block count imply. The per-block embedder copies must
+    then be equal (they are in every converted fb checkpoint); ``null_class=False`` drops the table's
+    null row (for ``class_dropout_prob=0``).
     """
-    read = _Reader(state_dict)
-    depth = _depth(state_dict, "transformer_blocks.")
-    out: dict[str, Tensor] = {}
-    for ours, theirs in _GLOBAL_PAIRS:
-        for p in _PARAMS:
-            if (v := read(f"{theirs}.{p}")) is not None:
-                out[f"{ours}.{p}"] = v
-    emb_keys = [(f"{ours}.{p}", f"{theirs}.{p}") for ours, theirs in _EMB_PAIRS for p in _PARAMS]
-    emb_keys.append((_TABLE, _DIFFUSERS_TABLE))
-    differing = []
-    for ours, theirs in emb_keys:
-        copies = [read(f"transformer_blocks.{i}.{theirs}") for i in range(depth)]
-        if depth and copies[0] is not None:
-            out[ours] = copies[0]
-            differing += [
-                f"transformer_blocks.{i}.{theirs}"
-                for i, v in enumerate(copies)
-                if v is not None and (v.shape != copies[0].shape or not torch.equal(v, copies[0]))
-            ]
-    for i in range(depth):
-        for p in _PARAMS:
-            qkv = [read(f"transformer_blocks.{i}.attn1.{n}.{p}") for n in ("to_q", "to_k", "to_v")]
-            if all(v is not None for v in qkv):
-                out[f"blocks.{i}.attn.qkv.{p}"] = torch.cat(qkv, dim=0)
-            for ours, theirs in _BLOCK_PAIRS:
-                if (v := read(f"transformer_blocks.{i}.{theirs}.{p}")) is not None:
-                    out[f"blocks.{i}.{ours}.{p}"] = v
-    if "pos_embed.pos_embed" in state_dict:
-        out["pos_embed"] = read("pos_embed.pos_embed")
-    read.finish("cannot convert diffusers DiTTransformer2DModel state dict")
+    _check_mapping(state_dict)
+    sizes = _DiffusersSizes.from_state_dict(state_dict) if config is None else _DiffusersSizes.from_config(config)
+    expected = sizes.shapes()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: got {tuple(v.shape)}, expected {expected[k]}"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
+    if missing or unexpected or shapes:
+        found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        problems = [f"{name} ({len(items)}): {items}" for name, items in found if items]
+        basis = "the config" if config is not None else "the sizes its patch conv, proj_out_2 and label table imply"
+        raise ValueError(
+            f"diffusers DiTTransformer2DModel state dict does not fit {basis} ({sizes}):\n  " + "\n  ".join(problems)
+        )
+    shared = [f"{theirs}.{p}" for _, theirs in _EMB_PAIRS for p in _PARAMS] + [_DIFFUSERS_TABLE]
+    differing = [
+        f"transformer_blocks.{i}.{key}"
+        for key in shared
+        for i in range(1, sizes.depth)
+        if not torch.equal(state_dict[f"transformer_blocks.{i}.{key}"], state_dict[f"transformer_blocks.0.{key}"])
+    ]
     if differing:
         raise ValueError(
             "diffusers keeps a timestep/label embedder per block; ours is shared, so all copies must equal "
             f"block 0's. These differ: {differing}"
         )
-    if not null_class and _TABLE in out:
-        out[_TABLE] = out[_TABLE][:-1]
+    out: dict[str, Tensor] = {}
+    for p in _PARAMS:
+        for ours, theirs in _GLOBAL_PAIRS:
+            out[f"{ours}.{p}"] = state_dict[f"{theirs}.{p}"]
+        for ours, theirs in _EMB_PAIRS:
+            out[f"{ours}.{p}"] = state_dict[f"transformer_blocks.0.{theirs}.{p}"]
+        for i in range(sizes.depth):
+            prefix = f"transformer_blocks.{i}."
+            out[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([state_dict[f"{prefix}{n}.{p}"] for n in _QKV], dim=0)
+            for ours, theirs in _BLOCK_PAIRS:
+                out[f"blocks.{i}.{ours}.{p}"] = state_dict[f"{prefix}{theirs}.{p}"]
+    table = state_dict[f"transformer_blocks.0.{_DIFFUSERS_TABLE}"]
+    out[_TABLE] = table if null_class else table[:-1]
     return out
+
+
+def from_diffusers(model: nn.Module) -> nn.Module:
+    """Our model with a diffusers transformer's settings and weights (``adaln.models.from_diffusers``).
+
+    Supported: ``DiTTransformer2DModel`` -> ``DiT.from_diffusers(model)``; others raise ``TypeError``.
+    The class is recognised by name, so diffusers is not imported here.
+    """
+    names = {cls.__name__ for cls in type(model).__mro__}
+    if "DiTTransformer2DModel" in names:
+        return DiT.from_diffusers(model)
+    raise TypeError(f"from_diffusers supports DiTTransformer2DModel; got {type(model).__name__}")
 
 
 #################################################################################

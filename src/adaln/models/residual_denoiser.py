@@ -17,7 +17,8 @@ Where we differ from DiT: the block is the generic AdaLN-Zero residual block (it
 ``condition_proj.1``, the mixer's ``sequence_mixer``); with ``mixer="attention"`` it computes exactly
 DiT's block. ``networks.ResidualNetwork`` does not fit as a whole (its head is an unconditioned
 ``final_norm -> out_proj``, DiT's is the adaLN ``FinalLayer``), so the blocks come from
-``networks.build_blocks`` and the head and embeddings from DiT.
+``networks.build_blocks`` and the embeddings, head, init and input checks from ``adaln.models.dit.DiTBase``
+(fb DiT's ``initialize_weights`` for every layer but Hyena's).
 """
 
 from __future__ import annotations
@@ -27,17 +28,17 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from adaln.models.dit import DiT
+from adaln.models.dit import FB_EPS, DiTBase
 from adaln.networks import build_blocks
 from adaln.networks.classification import MIXERS
 from adaln.nn.attention import Attention
-from adaln.nn.blocks import AdaLNZeroResidualBlock, FinalLayer
-from adaln.nn.embeddings import LabelEmbedding, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
+from adaln.nn.blocks import AdaLNZeroResidualBlock
+from adaln.nn.embeddings import LabelEmbedding
 from adaln.nn.hyena import Hyena
 from adaln.nn.mlp import Mlp
 
 
-class ResidualDenoiser(nn.Module):
+class ResidualDenoiser(DiTBase):
     """Class-conditional image denoiser: patches -> AdaLN-Zero residual blocks -> DiT final layer.
 
     forward(x (B, C, H, W), t (B,) timestep (may be fractional), y (B,) class ids in [0, num_classes],
@@ -45,8 +46,6 @@ class ResidualDenoiser(nn.Module):
     spatial_dims=2, cond_dim=D)``, its filters FiLM-conditioned on c) or ``"attention"``
     (``Attention(D, num_heads)``). ``input_size`` may be an int or (H, W).
     """
-
-    learn_sigma = False
 
     def __init__(
         self,
@@ -65,23 +64,20 @@ class ResidualDenoiser(nn.Module):
         super().__init__()
         if mixer not in MIXERS:
             raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
-        self.mixer, self.patch_size, self.hidden_size, self.depth = mixer, patch_size, hidden_size, depth
-        self.in_channels = self.out_channels = in_channels
-        self.num_heads, self.mlp_ratio = num_heads, mlp_ratio
+        self.mixer = mixer
+        self._build_stem(input_size, patch_size, in_channels, hidden_size, learn_sigma=False)
+        self.depth, self.num_heads, self.mlp_ratio = depth, num_heads, mlp_ratio
         self.class_dropout_prob, self.num_classes = class_dropout_prob, num_classes
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.input_size, self.grid_size = self.x_embedder.img_size, self.x_embedder.grid_size
-        self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedding(num_classes, hidden_size, class_dropout_prob)
         if mixer == "attention":
-            # Fixed 2-D sin-cos table as a (1, h, w, D) grid, filled in initialize_weights (DiT's buffer).
-            self.register_buffer("pos_embed", torch.zeros(1, *self.grid_size, hidden_size))
+            # Fixed 2-D sin-cos table as a (1, h, w, D) grid (DiT's), for the channels-last token grid.
+            self._register_pos_embed("grid")
             sequence_mixer = partial(Attention, hidden_size, num_heads)
         else:
-            self.register_buffer("pos_embed", None)
+            self._register_pos_embed(None)
             sequence_mixer = partial(Hyena, hidden_size, spatial_dims=2, cond_dim=hidden_size)
-        norm = partial(nn.LayerNorm, hidden_size, elementwise_affine=False, eps=1e-6)  # DiT's norms
+        norm = partial(nn.LayerNorm, hidden_size, elementwise_affine=False, eps=FB_EPS)  # DiT's norms
         block = partial(
             AdaLNZeroResidualBlock,
             sequence_mixer=sequence_mixer,
@@ -93,36 +89,12 @@ class ResidualDenoiser(nn.Module):
             hidden_dim=hidden_size,
         )
         self.blocks = build_blocks(block, depth)
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self._build_head()
         self.initialize_weights()
 
-    @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """DiT's initialisation for DiT's layers; Hyena keeps its own (safari's filter init)."""
-        # Patch, timestep and label embeddings initialise themselves as DiT does (xavier, N(0, 0.02)).
-        # Attention and MLP Linears: xavier-uniform weight, zero bias (DiT's _basic_init).
-        for block in self.blocks:
-            parts = (block.mlp, block.sequence_mixer) if self.mixer == "attention" else (block.mlp,)
-            for module in (m for part in parts for m in part.modules()):
-                if isinstance(module, nn.Linear):
-                    nn.init.xavier_uniform_(module.weight)
-                    nn.init.zeros_(module.bias)
-
-        if self.pos_embed is not None:
-            pos = get_2d_sincos_pos_embed(self.hidden_size, self.grid_size)  # float64, stored as float32
-            self.pos_embed.copy_(torch.as_tensor(pos, dtype=torch.float32).reshape(self.pos_embed.shape))
-
-        # adaLN-Zero blocks start as the identity (AdaLNZeroResidualBlock zeroes condition_proj itself);
-        # a zero output layer makes the network predict 0 at init.
-        nn.init.zeros_(self.final_layer.adaLN_modulation.proj[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation.proj[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
-
-    # DiT's input checks and unpatchify read only attributes this model shares (input_size, in_channels,
-    # num_classes; grid_size, patch_size, out_channels): same errors, same patch order.
-    _check_inputs = DiT._check_inputs
-    unpatchify = DiT.unpatchify
+    def _keeps_own_init(self) -> tuple[nn.Module, ...]:
+        # Hyena keeps its own init (safari's filter init); every other layer gets DiT's.
+        return tuple(block.sequence_mixer for block in self.blocks) if self.mixer == "hyena" else ()
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """x (B, C, H, W), t (B,), y (B,) int -> (B, C, H, W).
@@ -130,7 +102,7 @@ class ResidualDenoiser(nn.Module):
         In training mode labels are replaced by the null class with probability ``class_dropout_prob``
         (drawn with ``generator`` when given).
         """
-        self._check_inputs(x, t, y)
+        self._check_y(y, self._check_x_t(x, t))
         x = self.x_embedder(x).unflatten(1, self.grid_size)  # (B, h, w, D), row-major patches
         if self.pos_embed is not None:
             x = x + self.pos_embed
