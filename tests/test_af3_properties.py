@@ -179,3 +179,87 @@ def test_diffusion_module_runs_in_low_precision(dtype, tol):
         out = low(x.to(dtype), sigma.to(dtype), features=f, **{k: v.to(dtype) for k, v in cond.items()})
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert (out.double() - expected).abs().max() / expected.abs().max() < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_into_a_float32_module_name_the_argument(dtype):
+    module = _transformer(torch.float32)
+    x, cond, pair = (t.float() for t in _inputs())
+    for name, args in (("x", (x.to(dtype), cond, pair)), ("cond", (x, cond.to(dtype), pair)),
+                       ("pair", (x, cond, pair.to(dtype)))):
+        with pytest.raises(TypeError, match=f"^{name} has dtype {dtype}, but the DiffusionTransformer "
+                                            "parameters are torch.float32"):
+            module(*args)
+    with pytest.raises(TypeError, match=f"^x has dtype {dtype}, but the AttentionPairBias parameters"):
+        module.blocks[0].attention(x.to(dtype), cond)
+    with pytest.raises(TypeError, match=f"^cond has dtype {dtype}, but the ConditionedTransition parameters"):
+        module.blocks[0].transition(x, cond.to(dtype))
+
+
+def test_autocast_still_runs_a_float32_module():
+    module = _transformer(torch.float32)
+    x, cond, pair = (t.float() for t in _inputs())
+    expected = module(x, cond, pair)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for args in ((x, cond, pair), tuple(t.bfloat16() for t in (x, cond, pair))):
+            out = module(*args)
+            assert torch.isfinite(out).all()
+            assert (out.double() - expected.double()).abs().max() / expected.abs().max() < 5e-2
+
+
+def test_inputs_on_another_device_name_the_argument():
+    module = _transformer(torch.float32)
+    x, cond, pair = (t.float() for t in _inputs())
+    on_meta = {name: t.to("meta") for name, t in (("x", x), ("cond", cond), ("pair", pair))}
+    for name in ("x", "cond", "pair"):
+        args = {**dict(x=x, cond=cond, pair=pair), name: on_meta[name]}
+        with pytest.raises(ValueError, match=f"^{name} is on device meta, but the DiffusionTransformer "
+                                             "parameters are on cpu"):
+            module(args["x"], args["cond"], args["pair"])
+    with pytest.raises(ValueError, match="^mask is on device meta"):
+        module(x, cond, pair, torch.ones(2, 7, device="meta"))
+
+
+def _toy_diffusion_inputs(dtype=torch.float32):
+    f = torch_features(toy_structure())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 22, 3, generator=g).to(dtype)
+    cond = dict(
+        s_trunk=torch.randn(5, 8, generator=g).to(dtype),
+        s_inputs=torch.randn(5, 5, generator=g).to(dtype),
+        z_trunk=torch.randn(5, 5, 4, generator=g).to(dtype),
+    )
+    return x, f, cond
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_diffusion_module_rejects_half_inputs_into_float32(dtype):
+    module = _toy_module()
+    x, f, cond = _toy_diffusion_inputs()
+    with pytest.raises(TypeError, match=f"^x_noisy has dtype {dtype}, but the DiffusionModule parameters are "
+                                        "torch.float32"):
+        module(x.to(dtype), 3.0, features=f, **cond)
+    for name in cond:
+        bad = dict(cond, **{name: cond[name].to(dtype)})
+        with pytest.raises(TypeError, match=f"^{name} has dtype {dtype}"):
+            module(x, 3.0, features=f, **bad)
+    module = randomize_(module, seed=3, scale=0.7)
+    with torch.no_grad():
+        expected = module(x, 3.0, features=f, **cond)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x, 3.0, features=f, **cond)
+    assert out.shape == (2, 22, 3) and torch.isfinite(out).all()
+    assert (out - expected).abs().max() / expected.abs().max() < 3e-2
+
+
+def test_diffusion_module_inputs_on_another_device_name_the_argument():
+    module = _toy_module()
+    x, f, cond = _toy_diffusion_inputs()
+    with pytest.raises(ValueError, match="^x_noisy is on device meta, but the DiffusionModule parameters"):
+        module(x.to("meta"), 3.0, features=f, **cond)
+    with pytest.raises(ValueError, match="^s_inputs is on device meta"):
+        module(x, 3.0, features=f, **dict(cond, s_inputs=cond["s_inputs"].to("meta")))
+    with pytest.raises(ValueError, match="^sigma is on device meta"):
+        module(x, torch.ones(2, device="meta"), features=f, **cond)
+    with pytest.raises(ValueError, match=r"^features\['ref_pos'\] is on device meta"):
+        module(x, 3.0, features=dict(f, ref_pos=f["ref_pos"].to("meta")), **cond)

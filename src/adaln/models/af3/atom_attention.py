@@ -429,7 +429,8 @@ def _masked_token_mean(per_atom: Tensor, atom_to_token: Tensor, mask: Tensor, nu
     """``utils.mask_mean`` over each token's atoms: (B, A, C) -> (B, N, C); empty tokens give 0."""
     b, _, c = per_atom.shape
     index = atom_to_token[..., None].expand(-1, -1, c)
-    total = per_atom.new_zeros(b, num_tokens, c).scatter_add_(1, index, per_atom * mask[..., None])
+    masked = per_atom * mask[..., None]  # in the wider dtype of the two (under autocast: the mask's)
+    total = masked.new_zeros(b, num_tokens, c).scatter_add_(1, index, masked)
     count = mask.new_zeros(b, num_tokens).scatter_add_(1, atom_to_token, mask)
     return total / count.clamp_min(1e-10)[..., None]
 
