@@ -8,6 +8,7 @@ Draws happen on the generator's device and are then moved, so a CPU generator re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Union
 
@@ -70,21 +71,24 @@ def randn(
 
 
 def check_nonnegative(value: float, name: str) -> float:
-    if not value >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    """``value`` as a float when finite and >= 0 (inf and nan would turn every level into NaN)."""
+    if not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
     return float(value)
 
 
 def check_positive(value: float, name: str) -> float:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    """``value`` as a float when finite and > 0."""
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
     return float(value)
 
 
 def as_sigma(sigma: float | Tensor, batch: int, *, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A noise level as a ``(B,)`` tensor of ``dtype``; floats and 0-dim tensors broadcast to the batch.
 
-    Negative values raise ``ValueError`` (one host sync per call; skipped while compiling).
+    Negative, infinite and NaN values raise ``ValueError`` (one host sync per call; skipped while
+    compiling).
     """
     if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
         check_nonnegative(float(sigma), "sigma")
@@ -98,8 +102,8 @@ def as_sigma(sigma: float | Tensor, batch: int, *, dtype: torch.dtype, device: t
             f"sigma must be a float or a (B,) = ({batch},) tensor, got shape {tuple(sigma.shape)}"
         )
     sigma = sigma.to(dtype=dtype, device=device)
-    if not torch.compiler.is_compiling() and bool((sigma < 0).any()):
-        raise ValueError("sigma must be >= 0 everywhere")
+    if not torch.compiler.is_compiling() and not bool(((sigma >= 0) & (sigma < math.inf)).all()):
+        raise ValueError("sigma must be finite and >= 0 everywhere")
     return sigma
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from adaln.checks import check_tensor
-from adaln.diffusion._utils import GeneratorArg, check_generator, randn
+from adaln.diffusion._utils import GeneratorArg, check_generator, check_nonnegative, randn
 
 MASK_EPS = 1e-6  # AF3 random_augmentation: mask_mean(..., eps=1e-6)
 
@@ -67,8 +67,7 @@ def centre_random_augmentation(
     check_tensor(x, "x", min_dim=3)
     if x.shape[-1] != 3:
         raise ValueError(f"x must be (B, *atoms, 3) coordinates, got shape {tuple(x.shape)}")
-    if not s_trans >= 0:
-        raise ValueError(f"s_trans must be >= 0, got {s_trans}")
+    check_nonnegative(s_trans, "s_trans")
     b = x.shape[0]
     generator = check_generator(generator, b)
     atom_dims = tuple(range(1, x.dim() - 1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -19,9 +20,11 @@ class ClassifierFreeGuidance:
     other tensors with a leading batch dim ``B`` are duplicated, everything else is passed as is.
 
     - ``interval=(lo, hi)``: guide only samples with ``lo <= sigma <= hi``; the others get ``D_c``.
-    - ``guided_channels``: a slice or index list on dim 1; other channels get ``D_c``. ``slice(0, 3)``
+    - ``guided_channels``: a slice or index list on dim 1 (every index must exist there and a slice must
+      select a channel, else ``ValueError`` at the call); other channels get ``D_c``. ``slice(0, 3)``
       reproduces fb DiT ``forward_with_cfg`` on its 4-channel latents (guiding eps or D is the same,
       ``D = x - sigma eps`` is affine in eps per channel).
+    - ``scale`` must be finite (``inf`` would give ``inf * 0 = NaN`` where the two predictions agree).
     - ``scale == 1`` is exactly conditional and makes one plain call of batch ``B``; ``scale == 0`` is
       unconditional. Output in ``x``'s dtype; the combination is computed in float32 (float64).
     """
@@ -39,8 +42,8 @@ class ClassifierFreeGuidance:
             raise TypeError(f"denoiser must be callable D(x, sigma, **cond), got {type(denoiser).__name__}")
         if not isinstance(scale, (int, float)) or isinstance(scale, bool):
             raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-        if not scale >= 0:
-            raise ValueError(f"scale must be >= 0 (0: unconditional, 1: conditional), got {scale}")
+        if not 0 <= scale < math.inf:
+            raise ValueError(f"scale must be finite and >= 0 (0: unconditional, 1: conditional), got {scale}")
         if not isinstance(null_cond, Mapping) or not null_cond:
             raise ValueError("null_cond must be a non-empty dict of the keys to null, e.g. {'y': 1000}")
         if interval is not None:
@@ -83,9 +86,28 @@ class ClassifierFreeGuidance:
                 out[key] = value
         return out
 
+    def _check_channels(self, x: Tensor) -> None:
+        """``guided_channels`` must name channels that dim 1 of ``x`` has (checked on every call)."""
+        c = x.shape[1]
+        if isinstance(self.guided_channels, slice):
+            if not range(c)[self.guided_channels]:
+                raise ValueError(
+                    f"guided_channels {self.guided_channels} selects none of the {c} channels on dim 1 of x "
+                    f"{tuple(x.shape)}"
+                )
+            return
+        bad = [i for i in self.guided_channels if not -c <= i < c]
+        if bad:
+            raise ValueError(
+                f"guided_channels {bad} out of range for the {c} channels on dim 1 of x {tuple(x.shape)} "
+                f"(valid: {-c} to {c - 1})"
+            )
+
     def __call__(self, x: Tensor, sigma: float | Tensor, **cond) -> Tensor:
         check_tensor(x, "x", min_dim=2)
         b = x.shape[0]
+        if self.guided_channels is not None:
+            self._check_channels(x)
         if self.scale == 1.0:
             return self.denoiser(x, sigma, **cond)
         ct = compute_dtype(x.dtype)

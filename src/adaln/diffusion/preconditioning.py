@@ -48,6 +48,9 @@ class EDMPrecond(nn.Module):
     - a callable ``f(sigma) -> (B,) tensor``.
 
     ``x`` ``(B, ...)``; ``sigma`` a float or ``(B,)``; the scalings broadcast over ``x``'s non-batch dims.
+    ``sigma = 0`` is exact, ``D(x, 0) = x`` (``c_skip(0) = 1``, ``c_out(0) = 0``): the network is called
+    at ``sigma_data`` for those samples and its output discarded, so ``ln(0)`` never reaches its noise
+    embedding (the source returns NaN there).
     """
 
     def __init__(
@@ -78,8 +81,13 @@ class EDMPrecond(nn.Module):
         sigma = as_sigma(sigma, x.shape[0], dtype=ct, device=x.device)
         c_skip, c_out, c_in, _ = (expand_to(c, x) for c in edm_scalings(sigma, self.sigma_data))
         x32 = x.to(ct)
-        f = self.net((c_in * x32).to(x.dtype), self.c_noise(sigma), **cond)
-        return (c_skip * x32 + c_out * f.to(ct)).to(x.dtype)
+        # sigma = 0 without a host sync: a finite stand-in level for the net, x itself as the output
+        # (0 * NaN would be NaN, and a NaN in the discarded branch would still poison the gradients)
+        clean = sigma == 0
+        net_sigma = torch.where(clean, torch.full_like(sigma, self.sigma_data), sigma)
+        f = self.net((c_in * x32).to(x.dtype), self.c_noise(net_sigma), **cond)
+        out = torch.where(expand_to(clean, x), x32, c_skip * x32 + c_out * f.to(ct))
+        return out.to(x.dtype)
 
 
 class VPEpsDenoiser(nn.Module):

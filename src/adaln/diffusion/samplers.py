@@ -130,6 +130,8 @@ def sample_edm(
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     check_nonnegative(s_churn, "s_churn")
     check_nonnegative(s_noise, "s_noise")
+    if not s_tmin <= s_tmax:  # also catches NaN
+        raise ValueError(f"need s_tmin <= s_tmax (s_tmax may be inf), got s_tmin={s_tmin}, s_tmax={s_tmax}")
     dtype = _check_dtype(dtype)
     generator = check_generator(generator, shape[0])
     levels = karras_sigmas(steps, sigma_min, sigma_max, rho).tolist()
@@ -199,6 +201,9 @@ def sample_af3(
         check_positive(value, name)
     for name, value in (("gamma_0", gamma_0), ("noise_scale", noise_scale), ("step_scale", step_scale)):
         check_nonnegative(value, name)
+    if not math.isfinite(gamma_min):
+        raise ValueError(f"gamma_min must be finite, got {gamma_min}")
+    check_nonnegative(s_trans, "s_trans")
     dtype = _check_dtype(dtype)
     generator = check_generator(generator, shape[0])
     if (augment or mask is not None) and (len(shape) < 3 or shape[-1] != 3):

@@ -40,6 +40,7 @@ def karras_sigmas(
     """
     check_steps(n, "n")
     check_positive(sigma_min, "sigma_min")
+    check_positive(sigma_max, "sigma_max")
     check_positive(rho, "rho")
     if sigma_max < sigma_min:
         raise ValueError(f"sigma_max must be >= sigma_min, got sigma_max={sigma_max}, sigma_min={sigma_min}")
@@ -68,8 +69,9 @@ def _check_alphas_cumprod(alphas_cumprod: Tensor | None) -> Tensor:
     if not isinstance(alphas_cumprod, Tensor) or alphas_cumprod.dim() != 1 or alphas_cumprod.numel() < 2:
         raise ValueError("alphas_cumprod must be a 1-D tensor with at least 2 entries")
     abar = alphas_cumprod.detach().to("cpu", torch.float64)
-    if bool(((abar <= 0) | (abar >= 1)).any()) or bool((abar[1:] > abar[:-1]).any()):
-        raise ValueError("alphas_cumprod must be decreasing and inside (0, 1)")
+    # written as "not inside" so that NaN entries fail too
+    if not bool(((abar > 0) & (abar < 1)).all()) or bool((abar[1:] > abar[:-1]).any()):
+        raise ValueError("alphas_cumprod must be decreasing and inside (0, 1), without NaN")
     return abar
 
 
