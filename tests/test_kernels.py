@@ -152,6 +152,9 @@ NORM_MODULATE_CASES = [
     ((1, 50, 40), False, False, "rms", "w", torch.bfloat16, torch.bfloat16),
     ((2, 9, 24), True, True, "layer", "wb", torch.float16, torch.float16),
     ((2, 3, 1152), False, False, "layer", "wb", torch.float32, torch.float32),
+    # Lumina 2 / Z-Image pre-norm: RMSNorm with its weight, scale only (AdaLNZero(shift=False))
+    ((2, 7, 48), False, None, "rms", "w", torch.float32, torch.float32),
+    ((2, 7, 48), False, None, "rms", "w", torch.bfloat16, torch.float32),
 ]
 
 
