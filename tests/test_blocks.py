@@ -122,7 +122,7 @@ class Wrapper(nn.Module):
 
     def __init__(self, inner_cfg, scale):
         super().__init__()
-        self.received_cfg = dict(inner_cfg) if isinstance(inner_cfg, Mapping) else None
+        self.received_cfg = inner_cfg if isinstance(inner_cfg, Mapping) else None
         self.inner, self.scale = blocks.build_module(inner_cfg, "inner_cfg"), scale
 
     def forward(self, x):
@@ -321,6 +321,7 @@ def test_nvsubquadratic_config_builds_the_block_without_hydra(monkeypatch):
     mixer = block.sequence_mixer
     # nested module config reached the mixer unbuilt (it builds it); a non-module target was called
     assert isinstance(mixer, Wrapper) and mixer.received_cfg == cfg["sequence_mixer_cfg"]["inner_cfg"]
+    assert mixer.received_cfg is not cfg["sequence_mixer_cfg"]["inner_cfg"]  # a copy the parent may fill in
     assert isinstance(mixer.inner, nn.Linear) and mixer.scale == 2.0
     assert cfg["sequence_mixer_cfg"]["scale"] == lazy_config(halve, value=4.0)  # config not mutated
     modules = (nn.LayerNorm(C), Mlp(C, 32), nn.RMSNorm(C), nn.Identity(), nn.Dropout(0.0))

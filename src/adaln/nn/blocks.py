@@ -8,6 +8,7 @@ facebookresearch/DiT models.py's, with the modulation held by ``AdaLNZero`` / ``
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import inspect
@@ -80,7 +81,8 @@ def instantiate(config: Mapping[str, Any], name: str = "config") -> Any:
       ``PLACEHOLDER`` sentinel; its shipped block configs use neither.
 
     A target is a dotted path or the callable itself. Works on any ``Mapping`` (OmegaConf's DictConfig
-    included) and never mutates ``config``.
+    included); ``config`` itself is never modified, and an unbuilt nested config is passed as a copy (a
+    parent may fill it in; blocks built from one config must not share it).
     """
     if not is_config(config):
         raise TypeError(f"{name} must be a mapping with a '_target_' or '__target__' key, got {config!r}")
@@ -126,7 +128,7 @@ def _lazy_arg(value: Any, name: str) -> Any:
         return value
     target = _resolve(value[LAZY_TARGET], name)
     if inspect.isclass(target) and issubclass(target, nn.Module):
-        return value  # nvSubquadratic: module configs reach their parent unbuilt
+        return copy.deepcopy(value)  # nvSubquadratic: module configs reach their parent unbuilt, as copies
     return instantiate(value, name)
 
 
@@ -247,7 +249,8 @@ class AdaLNZeroResidualBlock(nn.Module):
     ``conditioning=cond``: ``None`` (default) passes it whenever the mixer's ``forward`` can take it (a
     ``conditioning`` parameter or ``**kwargs``, as nvSubquadratic's ``QKVSequenceMixer``) and calls
     ``mixer(x)`` otherwise (e.g. ``Attention``); ``True`` requires it, and a mixer that cannot take it
-    is a ``ValueError`` at construction; ``False`` never passes it.
+    is a ``ValueError`` at construction; ``False`` never passes it (e.g. a ``Hyena`` built without
+    ``cond_dim``, which declares ``conditioning`` but rejects it).
 
     We differ from the source in these checks: sub-modules whose channel count is readable (LayerNorm,
     RMSNorm, Linear, Mlp, Attention, Sequential of those) must match ``hidden_dim`` at construction,
