@@ -13,6 +13,15 @@ from adaln.nn.adaln import (
 )
 from adaln.nn.attention import Attention, CrossAttention
 from adaln.nn.blocks import AdaLNZeroResidualBlock, DiTBlock, FinalLayer
+from adaln.nn.ckconv import (
+    CKConvND,
+    HyenaND,
+    KernelFiLMGenerator,
+    QKVSequenceMixer,
+    RandomFourierKernelND,
+    SIRENKernelND,
+    hyena_mixer,
+)
 from adaln.nn.embeddings import (
     FourierEmbedding,
     LabelEmbedder,
@@ -28,6 +37,13 @@ from adaln.nn.mlp import DropPath, Mlp, SwiGLU
 __all__ = [
     "Hyena",
     "fft_long_conv",
+    "CKConvND",
+    "HyenaND",
+    "KernelFiLMGenerator",
+    "QKVSequenceMixer",
+    "RandomFourierKernelND",
+    "SIRENKernelND",
+    "hyena_mixer",
     "AF3AdaptiveLayerNorm",
     "AdaLN",
     "AdaLNContinuous",
