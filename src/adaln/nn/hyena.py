@@ -69,7 +69,9 @@ def fft_long_conv(
     _check_spatial_dims(spatial_dims)
     periodic = (bool(circular),) * spatial_dims if isinstance(circular, bool) else tuple(circular)
     if len(periodic) != spatial_dims or not all(isinstance(p, bool) for p in periodic):
-        raise ValueError(f"circular must be a bool or {spatial_dims} bools (one per token axis), got {circular!r}")
+        raise ValueError(
+            f"circular must be a bool or {spatial_dims} bools (one per token axis), got {circular!r}"
+        )
     if causal and (any(periodic) or spatial_dims != 1):
         raise ValueError("causal=True needs spatial_dims=1 and circular=False")
     check_tensor(u, "u")
