@@ -171,7 +171,8 @@ def test_load_rejects_wrong_types():
 )
 def test_unusable_values_raise_before_anything_is_copied(bad, reason):
     module = DiffusionTransformer(8, 6, 4, num_blocks=2, num_heads=2, super_block_size=1)
-    params = export_alphafold3_params(randomize_(DiffusionTransformer(8, 6, 4, 2, 2, 1), seed=9), "transformer")
+    source = randomize_(DiffusionTransformer(8, 6, 4, 2, 2, 1), seed=9)
+    params = export_alphafold3_params(source, "transformer")
     # The last key in load order: every other value would be copied first if checks ran late.
     key = list(params)[-1]
     params[key] = bad(params[key].shape)

@@ -535,7 +535,9 @@ def dense_token_atoms(f, num_tokens, slot=None, width=24):
     return dense
 
 
-@pytest.mark.parametrize("with_trunk, uid_gather", [(True, "token_atoms"), (False, "token_atoms"), (True, "queries")])
+@pytest.mark.parametrize(
+    "with_trunk, uid_gather", [(True, "token_atoms"), (False, "token_atoms"), (True, "queries")]
+)
 def test_atom_encoder_matches_reference(with_trunk, uid_gather):
     f = toy_structure()
     c_trunk = (8, 4) if with_trunk else (None, None)
@@ -578,8 +580,8 @@ def _diffusion_module_case(mask_mode, atoms_per_token, padded_slots, num_samples
     module = DiffusionModule(
         c_token=16, c_single=8, c_pair=4, c_s_inputs=5, c_atom=8, c_atompair=4, num_blocks=2, num_heads=2,
         super_block_size=1, atom_blocks=2, atom_heads=2, mask_mode=mask_mode, **kwargs,
-        c_single_cond=6, c_pair_cond=3, transition_factor=3, key_dim=12, value_dim=6, atom_transition_factor=1,
-        atom_key_dim=6, atom_value_dim=10,
+        c_single_cond=6, c_pair_cond=3, transition_factor=3, key_dim=12, value_dim=6,
+        atom_transition_factor=1, atom_key_dim=6, atom_value_dim=10,
     )
     randomize_(module.to(F64), seed=seed)
     a = len(f["atom_mask"])
