@@ -19,7 +19,9 @@ from adaln.models.dit import (
     convert_from_diffusers,
     convert_to_diffusers,
     dit_edm_denoiser,
+    dit_kwargs_from_diffusers,
     fb_dit_vp_denoiser,
+    from_diffusers,
     load_facebookresearch_checkpoint,
 )
 
@@ -109,16 +111,17 @@ def _silu(x):
     return x / (1 + torch.exp(-x))
 
 
-def ref_forward(cfg: Cfg, sd, x, t, y):
+def ref_forward(cfg: Cfg, sd, x, t, y, *, freq_shift: int = 0, mlp_eps: float = 1e-6):
     """fb DiT.forward (eval mode) in float64 from models.py: patchify conv, + pos, t/y embedders, blocks,
-    final layer, unpatchify."""
+    final layer, unpatchify. ``freq_shift=1, mlp_eps=norm_eps`` are diffusers' DiTTransformer2DModel
+    instead (frequencies exp(-ln 1e4 * i / 127); BasicTransformerBlock.norm3 eps from its config)."""
     sd = {k: v.double() for k, v in sd.items()}
     x, p, d, nh = x.double(), cfg.patch, cfg.hidden, cfg.heads
     b = x.shape[0]
     tok = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p)
     tok = tok.flatten(2).transpose(1, 2) + sd["pos_embed"]  # (B, N, D), row-major patches
     half = 128
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=F64) / half)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=F64) / (half - freq_shift))
     args = t.double()[:, None] * freqs[None]
     t_freq = torch.cat([torch.cos(args), torch.sin(args)], -1)
     t_emb = _lin(_silu(_lin(t_freq, sd, "t_embedder.mlp.0")), sd, "t_embedder.mlp.2")
@@ -133,7 +136,7 @@ def ref_forward(cfg: Cfg, sd, x, t, y):
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // nh), dim=-1)
         a = _lin((att @ v).transpose(1, 2).reshape(b, n, d), sd, f"blocks.{i}.attn.proj")
         tok = tok + g1 * a
-        h = _ln(tok) * (1 + sc2) + sh2
+        h = _ln(tok, mlp_eps) * (1 + sc2) + sh2
         tok = tok + g2 * _lin(_gelu_tanh(_lin(h, sd, f"blocks.{i}.mlp.fc1")), sd, f"blocks.{i}.mlp.fc2")
     shift, scale = (m[:, None] for m in _lin(_silu(c), sd, "final_layer.adaLN_modulation.1").chunk(2, dim=1))
     out = _lin(_ln(tok) * (1 + scale) + shift, sd, "final_layer.linear")
@@ -262,60 +265,145 @@ def test_load_checkpoint_rejects_pickled_code(tmp_path):
 
 
 # ---- diffusers layout ---------------------------------------------------------------------------
+# Measured on random weights (every zero-initialised layer randomised, one shared embedder): a DiT made
+# by from_diffusers equals DiTTransformer2DModel to the bit in float32 (max abs 0.0 on outputs of size
+# ~3.4) and to 1.3e-15 abs (3.9e-16 relative) in float64 with integer timesteps; with fractional float64
+# timesteps 7.7e-6 abs (2.3e-6 relative), because diffusers computes its sinusoid in float32 for any t.
+# fb's frequency spacing instead of diffusers' moves the outputs by ~1 and fb's MLP eps by ~6e-7.
+
+DIFFUSERS_CFG = dict(
+    num_attention_heads=2, attention_head_dim=16, in_channels=3, out_channels=6, num_layers=2, sample_size=8,
+    patch_size=2, num_embeds_ada_norm=10,
+)  # fmt: skip  (Cfg()'s size; norm_eps left at diffusers' class default 1e-5)
 
 
-def _diffusers_model(model: DiT):
-    diffusers = pytest.importorskip("diffusers")
-    return diffusers.DiTTransformer2DModel(**model.diffusers_config()).eval()
+def _diffusers():
+    return pytest.importorskip("diffusers")
 
 
-def _fb_timestep_frequencies(dm) -> None:
-    """Make diffusers' Timesteps use fb's frequency spacing (i / 128, not i / 127); see convert_to_diffusers."""
-    for block in dm.transformer_blocks:
-        block.norm1.emb.time_proj.downscale_freq_shift = 0
+def _random_diffusers_model(dtype=torch.float32, **overrides):
+    """A DiTTransformer2DModel with random weights everywhere (its zero-initialised layers included) and
+    one embedder shared by all blocks, as in every converted fb checkpoint."""
+    dm = _diffusers().DiTTransformer2DModel(**{**DIFFUSERS_CFG, **overrides}).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in dm.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+        for block in dm.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(dm.transformer_blocks[0].norm1.emb.state_dict())
+    return dm if dtype == torch.float32 else dm.to(dtype)
 
 
-def _random_model(cfg: Cfg, dtype=torch.float32) -> DiT:
-    model = cfg.model().to(dtype).eval()
+def _random_model(cfg: Cfg, dtype=torch.float32, **kw) -> DiT:
+    model = cfg.model(**kw).to(dtype).eval()
     model.load_facebookresearch_state_dict({k: v.to(dtype) for k, v in ref_fb_state_dict(cfg).items()})
     return model
 
 
-def test_to_diffusers_same_outputs():
+def _max_errors(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(max abs, max abs / max |ref|) difference."""
+    err = (ours.double() - ref.double()).abs().max().item()
+    return err, err / ref.double().abs().max().item()
+
+
+def test_from_diffusers_reproduces_diffusers_float32():
+    dm = _random_diffusers_model()
+    ours = from_diffusers(dm)
+    assert isinstance(ours, DiT) and (ours.freq_shift, ours.mlp_norm_eps) == (1, dm.config.norm_eps) == (1, 1e-5)
+    assert not ours.training and ours.pos_embed.dtype == torch.float32
     cfg = Cfg()
-    model = _random_model(cfg)
-    dm = _diffusers_model(model)
-    dm.load_state_dict(model.to_diffusers_state_dict(), strict=True)
-    x, t, y = inputs(cfg, b=4, dtype=torch.float32)
+    x, t, y = inputs(cfg, b=4, dtype=torch.float32)  # fractional timesteps, the null class included
     with torch.no_grad():
-        ours = model(x, t, y)
-        default = dm(x, t, class_labels=y).sample
-        _fb_timestep_frequencies(dm)
         theirs = dm(x, t, class_labels=y).sample
-    err = (ours - theirs).abs().max().item()
-    assert err <= 1e-5, err
-    # diffusers' own i/127 frequency spacing is a real model difference, not rounding.
-    assert (ours - default).abs().max().item() > 1e-3
+        abs_err, rel_err = _max_errors(ours(x, t, y), theirs)
+    assert theirs.abs().max() > 1.0  # a non-trivial output
+    assert rel_err <= 1e-6, (abs_err, rel_err)
+    # and both equal the float64 re-derivation of diffusers' formulas (not fb's: freq_shift=1, eps 1e-5)
+    sd = ours.to_facebookresearch_state_dict()
+    ref = ref_forward(cfg, sd, x, t, y, freq_shift=1, mlp_eps=1e-5)
+    assert _max_errors(theirs, ref)[1] < 1e-5
+    assert _max_errors(ref_forward(cfg, sd, x, t, y), ref)[0] > 0.1  # fb's formulas are another model
 
 
-def test_from_diffusers_same_outputs():
+def test_from_diffusers_reproduces_diffusers_float64():
+    dm = _random_diffusers_model(torch.float64)
+    ours = DiT.from_diffusers(dm)
+    assert ours.x_embedder.proj.weight.dtype == torch.float64
     cfg = Cfg()
-    dm = _diffusers_model(cfg.model())
-    g = torch.Generator().manual_seed(5)
+    x, t, y = inputs(cfg, b=4)
     with torch.no_grad():
-        for name, p in dm.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-        for block in dm.transformer_blocks[1:]:  # one shared embedder, as in every converted checkpoint
-            block.norm1.emb.load_state_dict(dm.transformer_blocks[0].norm1.emb.state_dict())
-    _fb_timestep_frequencies(dm)
-    model = cfg.model().eval()
-    model.load_diffusers_state_dict(dm.state_dict())
-    x, t, y = inputs(cfg, b=4, dtype=torch.float32)
-    with torch.no_grad():
-        err = (model(x, t, y) - dm(x, t, class_labels=y).sample).abs().max().item()
-    assert err <= 1e-5, err
-    back = convert_to_diffusers(model.state_dict(), num_classes=cfg.num_classes)
+        steps = t.round().long()  # DDPM timesteps: both sinusoids then run in float32, bit for bit
+        theirs = dm(x, steps, class_labels=y).sample
+        assert _max_errors(ours(x, steps, y), theirs)[1] < 1e-14
+        # fractional float64 t: ours computes the sinusoid in float64, diffusers in float32
+        abs_err, rel_err = _max_errors(ours(x, t, y), dm(x, t, class_labels=y).sample)
+        assert 1e-8 < rel_err < 2e-5, rel_err
+        # each diffusers setting matters: fb's MLP eps or fb's frequency spacing is another model
+        for kw, floor in ((dict(freq_shift=1), 1e-8), (dict(mlp_norm_eps=1e-5), 0.1)):
+            other = cfg.model(**kw).double().eval()
+            other.load_diffusers_state_dict(dm.state_dict())
+            assert _max_errors(other(x, steps, y), theirs)[0] > floor, kw
+        # ours in float64 throughout (float64 t) against the float64 re-derivation of diffusers' formulas
+        ref = ref_forward(cfg, ours.to_facebookresearch_state_dict(), x, t, y, freq_shift=1, mlp_eps=1e-5)
+        assert _max_errors(ours(x, t, y), ref)[1] < 1e-13
+
+
+def test_diffusers_settings_round_trip_and_config():
+    dm = _random_diffusers_model(norm_eps=1e-6)
+    ours = from_diffusers(dm)
+    assert ours.mlp_norm_eps == 1e-6
+    assert {k: dm.config[k] for k in ours.diffusers_config()} == ours.diffusers_config()
+    back = ours.to_diffusers_state_dict()
     assert set(back) == set(dm.state_dict()) and all(torch.equal(back[k], v) for k, v in dm.state_dict().items())
+
+
+def test_to_diffusers_fb_settings_give_fb_outputs_diffusers_settings_diffusers_outputs():
+    """The same weights in both layouts: a DiT with fb's settings computes fb's model (the float64
+    re-derivation), the diffusers model built from its state dict computes diffusers' model; a DiT with
+    diffusers' settings computes exactly what that diffusers model does."""
+    cfg = Cfg()
+    fb_settings = _random_model(cfg)
+    dm = _diffusers().DiTTransformer2DModel(**fb_settings.diffusers_config()).eval()
+    dm.load_state_dict(fb_settings.to_diffusers_state_dict(), strict=True)
+    diffusers_settings = _random_model(cfg, freq_shift=1)
+    x, t, y = inputs(cfg, b=4, dtype=torch.float32)
+    sd = ref_fb_state_dict(cfg)
+    with torch.no_grad():
+        theirs = dm(x, t, class_labels=y).sample
+        assert _max_errors(fb_settings(x, t, y), ref_forward(cfg, sd, x, t, y))[1] < 1e-5
+        assert _max_errors(theirs, ref_forward(cfg, sd, x, t, y, freq_shift=1))[1] < 1e-5
+        assert _max_errors(diffusers_settings(x, t, y), theirs)[1] <= 1e-6
+        assert _max_errors(fb_settings(x, t, y), theirs)[0] > 1e-3  # i/128 vs i/127: a real difference
+
+
+def test_convert_from_diffusers_checks_shapes_before_loading():
+    dm = _random_diffusers_model()
+    sd = dict(dm.state_dict())
+    sd["transformer_blocks.1.attn1.to_k.weight"] = torch.zeros(16, 32)
+    want = r"transformer_blocks\.1\.attn1\.to_k\.weight: got \(16, 32\), expected \(32, 32\)"
+    for config in (None, dm.config):
+        with pytest.raises(ValueError, match=want):
+            convert_from_diffusers(sd, config=config)
+    model = Cfg().model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=want):
+        model.load_diffusers_state_dict(sd)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing loaded
+    # a state dict of another size is named against the config it was said to have
+    small = _random_diffusers_model(num_layers=1).state_dict()
+    one_block = r"depth=2, num_classes=10\)(.|\n)*missing keys \(19\): \['transformer_blocks\.1\."
+    with pytest.raises(ValueError, match=one_block):
+        convert_from_diffusers(small, config=dm.config)
+
+
+def test_from_diffusers_rejects_what_our_dit_cannot_compute():
+    for key, value in (("activation_fn", "gelu"), ("attention_bias", False), ("norm_elementwise_affine", True)):
+        with pytest.raises(ValueError, match=f"config {key}="):
+            dit_kwargs_from_diffusers({**DIFFUSERS_CFG, key: value})
+    with pytest.raises(ValueError, match="out_channels=5"):
+        dit_kwargs_from_diffusers({**DIFFUSERS_CFG, "out_channels": 5})
+    with pytest.raises(TypeError, match="from_diffusers supports DiTTransformer2DModel; got Linear"):
+        from_diffusers(torch.nn.Linear(2, 2))
 
 
 def test_from_diffusers_rejects_differing_block_embedders():
@@ -323,7 +411,7 @@ def test_from_diffusers_rejects_differing_block_embedders():
     sd = model.to_diffusers_state_dict()
     sd["transformer_blocks.1.norm1.emb.timestep_embedder.linear_2.bias"] = torch.zeros(32)
     sd["transformer_blocks.0.bogus"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"transformer_blocks\.0\.bogus"):
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): \['transformer_blocks\.0\.bogus'\]"):
         convert_from_diffusers(sd)
     del sd["transformer_blocks.0.bogus"]
     with pytest.raises(ValueError, match=r"transformer_blocks\.1\.norm1\.emb\.timestep_embedder\.linear_2\.bias"):
