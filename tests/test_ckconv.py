@@ -553,3 +553,17 @@ def test_bad_arguments_are_reported():
     m = build(2, siren_cfg(2, 6), None, "double", "zero")
     with pytest.raises(ValueError, match=r"x must be \(B, \*spatial, 4\)"):
         m(torch.randn(2, 5, 5, 3))
+
+
+def test_any_size_and_half_precision():
+    m = hyena_mixer(8, 2, 4, num_blocks=2, cond_dim=COND)
+    with torch.no_grad():
+        m.mixer.global_conv.kernel.film_generator.mlp[2].weight.normal_(0, 0.1)
+    cond = torch.randn(2, COND)
+    for size in ((1, 1), (4, 4), (9, 3)):  # (9, 3) exceeds L_cache = 4 on the first axis
+        assert m(torch.randn(2, *size, 8), conditioning=cond).shape == (2, *size, 8)
+    x = torch.randn(2, 6, 5, 8)
+    y32 = m(x, conditioning=cond)
+    y16 = m.to(torch.bfloat16)(x.bfloat16(), conditioning=cond.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    assert ((y16.float() - y32).norm() / y32.norm()).item() < 5e-2

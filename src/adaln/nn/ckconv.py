@@ -61,7 +61,8 @@ Deliberate differences from nvSubquadratic:
     its pooled condition); a condition whose batch differs from x's is a ValueError.
   - not ported: context parallelism (``cp_group``), chunked and ``subq_ops`` FFT backends (same
     arithmetic, other kernels), the multi-omega / learnable-omega / block-diagonal SIREN variants,
-    ``BlockAlignedGaussianModulationND``, FLOP counting.
+    ``BlockAlignedGaussianModulationND``, FLOP counting, ``KernelFiLMGenerator(no_weight_decay=...)``
+    (its weight-decay groups; the biases are tagged ``_no_weight_decay`` as theirs).
 """
 
 from __future__ import annotations
@@ -150,8 +151,9 @@ def wang_init(dim: int, num_layers: int) -> Callable[[Tensor], Tensor]:
 def _init_siren(layer: nn.Linear, *, first: bool, omega_0: float) -> None:
     """SIREN uniform init with omega_0 folded into the weights (nvSubquadratic ``_init_siren_weights``).
 
-    First layer U(+-2 pi omega_0 / fan_in); later layers U(+-sqrt(6 / fan_in)) (their bound
-    sqrt(6 / fan_in) / (2 pi omega_0) times the folded 2 pi omega_0). Bias zero.
+    First layer U(+-2 pi omega_0 / fan_in); later layers U(+-sqrt(6 / fan_in)): their bound
+    sqrt(6 / fan_in) / (2 pi omega_0) times the folded 2 pi omega_0, so ``hidden_omega_0`` cancels out
+    (computed in their order, so the draws are theirs bit for bit). Bias zero.
     """
     with torch.no_grad():
         fan_in = layer.in_features
@@ -190,11 +192,9 @@ class KernelFiLMGenerator(nn.Module):
         if num_film_layers < 1:
             raise ValueError(f"num_film_layers must be >= 1, got {num_film_layers}")
         check_choice(init_type, "init_type", ("identity", "small_random"))
-        self.cond_dim, self.kernel_hidden_dim, self.num_film_layers = (
-            cond_dim,
-            kernel_hidden_dim,
-            num_film_layers,
-        )
+        self.cond_dim = cond_dim
+        self.kernel_hidden_dim = kernel_hidden_dim
+        self.num_film_layers = num_film_layers
         self.mlp = nn.Sequential(
             nn.Linear(cond_dim, film_hidden_dim),
             nn.GELU(),
@@ -215,6 +215,7 @@ class KernelFiLMGenerator(nn.Module):
         check_tensor(conditioning, "conditioning")
         if conditioning.dim() != 2 or conditioning.shape[1] != self.cond_dim:
             raise ValueError(f"conditioning must be (B, {self.cond_dim}), got {tuple(conditioning.shape)}")
+        conditioning = conditioning.to(_compute_dtype(self))  # the kernel network runs in fp32 or wider
         h = F.gelu(_linear(self.mlp[0], conditioning))
         chunks = _linear(self.mlp[2], h).chunk(self.num_film_layers, dim=-1)
         return [tuple(c.chunk(2, dim=-1)) for c in chunks]
@@ -515,7 +516,7 @@ class GaussianModulationND(nn.Module):
 
 
 def _resolve_periodic(fft_padding: str | Sequence[str], data_dim: int) -> tuple[bool, ...]:
-    """ "zero" / "circular" for every axis, or one of them per axis -> per-axis periodic flags."""
+    """Per-axis periodic flags from ``fft_padding``: "zero" / "circular" for all axes, or one per axis."""
     modes = (fft_padding,) * data_dim if isinstance(fft_padding, str) else tuple(fft_padding)
     if len(modes) != data_dim or not all(
         isinstance(m, str) and m.strip().lower() in ("zero", "circular") for m in modes
