@@ -31,12 +31,13 @@ def np64(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float64).cpu().numpy()
 
 
-def ref_timestep_embedding(t: np.ndarray, dim: int, max_period: float = 10000.0) -> np.ndarray:
-    """GLIDE/DiT: freqs_i = exp(-ln(max_period) * i / half); [cos(t f), sin(t f)], zero column if odd."""
+def ref_timestep_embedding(t: np.ndarray, dim: int, max_period: float = 10000.0, shift: int = 0) -> np.ndarray:
+    """GLIDE/DiT: freqs_i = exp(-ln(max_period) * i / (half - shift)); [cos(t f), sin(t f)], zero column if
+    odd. shift 0 is fb DiT, shift 1 diffusers' get_timestep_embedding(downscale_freq_shift=1)."""
     half = dim // 2
     out = np.zeros((len(t), dim))
     for i in range(half):
-        f = math.exp(-math.log(max_period) * i / half)
+        f = math.exp(-math.log(max_period) * i / (half - shift))
         out[:, i] = np.cos(t * f)
         out[:, half + i] = np.sin(t * f)
     return out
@@ -86,7 +87,35 @@ def test_timestep_embedder_keys_init_and_reference(record_property):
     assert err < 1e-12
 
 
+@pytest.mark.parametrize("dim", [256, 7])
+def test_timestep_embedding_diffusers_spacing_float64_reference(dim, record_property):
+    t = torch.tensor([0.0, 1.0, 3.7, 250.5, 999.0], dtype=torch.float64)
+    out = timestep_embedding(t, dim, freq_shift=1)
+    err = np.abs(np64(out) - ref_timestep_embedding(np64(t), dim, shift=1)).max()
+    record_property("max_abs_err", float(err))
+    assert err < 1e-12
+    assert np.abs(np64(out) - ref_timestep_embedding(np64(t), dim)).max() > 1e-2  # a different spacing
+    f = torch.exp(-math.log(10000) * torch.arange(dim // 2, dtype=torch.float64) / (dim // 2 - 1))
+    assert f[-1].item() == pytest.approx(1e-4, rel=1e-12)  # the lowest frequency is exactly 1 / max_period
+
+
+def test_timestep_embedding_equals_diffusers_bit_for_bit():
+    emb = pytest.importorskip("diffusers.models.embeddings")
+    t = torch.cat([torch.arange(0, 1000, 37), torch.rand(8) * 999])
+    for shift in (0, 1):
+        theirs = emb.get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=shift)
+        assert torch.equal(timestep_embedding(t, 256, freq_shift=shift), theirs), shift
+    m = TimestepEmbedder(16, freq_shift=1)
+    assert m.freq_shift == 1 and "freq_shift=1" in repr(m)
+    assert torch.equal(m(t), m.mlp(timestep_embedding(t, 256, freq_shift=1)))
+
+
 def test_timestep_embedding_bad_inputs():
+    for shift in (2, -1):
+        with pytest.raises(ValueError, match="freq_shift must be 0 .fb DiT. or 1"):
+            timestep_embedding(torch.zeros(2), 8, freq_shift=shift)
+    with pytest.raises(ValueError, match="freq_shift must be"):
+        TimestepEmbedder(8, frequency_embedding_size=2, freq_shift=1)
     with pytest.raises(ValueError, match=r"t must have shape \(B,\)"):
         timestep_embedding(torch.zeros(2, 3), 8)
     with pytest.raises(TypeError, match="t must be a torch.Tensor"):
@@ -225,6 +254,58 @@ def test_patch_embed_bad_inputs():
         m(torch.randn(3, 8, 8))
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
         m(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(1, (8,)), (2, (4, 6)), (3, (2, 4, 6))])
+def test_patch_embed_channels_last_float64_reference(spatial_dims, size, record_property):
+    """channels_last=True: (B, *spatial, C) -> (B, *spatial / p, D), each token the patch dotted with the kernel."""
+    p, cin, d = 2, 3, 5
+    m = PatchEmbed(None, p, cin, d, spatial_dims=spatial_dims, channels_last=True).double()
+    assert m.img_size is None and m.grid_size is None and m.patch_size == (p,) * spatial_dims
+    with torch.no_grad():
+        m.proj.bias.normal_()
+    x = torch.randn(2, *size, cin, dtype=torch.float64)
+    out = m(x)
+    grid = [n // p for n in size]
+    assert out.shape == (2, *grid, d)
+    w, xn = np.moveaxis(np64(m.proj.weight), 1, -1).reshape(d, -1), np64(x)  # (D, *patch * Cin)
+    ref = np.zeros((2, *grid, d))
+    for idx in np.ndindex(*grid):
+        patch = xn[(slice(None), *(slice(i * p, (i + 1) * p) for i in idx))]  # (B, *patch, Cin)
+        ref[(slice(None), *idx)] = patch.reshape(2, -1) @ w.T + np64(m.proj.bias)
+    err = np.abs(np64(out) - ref).max()
+    record_property("max_abs_err", float(err))
+    assert err < 1e-12
+    assert m(torch.randn(1, *[2 * n for n in size], cin, dtype=torch.float64)).shape == (1, *[n for n in size], d)
+
+
+def test_patch_embed_named_inits():
+    torch.manual_seed(0)
+    dit, torch_init = PatchEmbed(16, 2, 4, 64), PatchEmbed(16, 2, 4, 64, init="torch")
+    bound = math.sqrt(6 / (4 * 2 * 2 + 64))  # xavier on the kernel viewed as (64, 16)
+    assert not dit.proj.bias.any() and bound * 0.97 < dit.proj.weight.abs().max() <= bound
+    assert torch_init.proj.bias.any() and torch_init.proj.weight.abs().max() <= 1 / math.sqrt(16)  # ConvNd default
+    with pytest.raises(ValueError, match="init must be one of"):
+        PatchEmbed(16, 2, 4, 64, init="xavier")
+    with pytest.raises(ValueError, match="spatial_dims must be 1, 2 or 3"):
+        PatchEmbed(None, 2, 4, 64, spatial_dims=4)
+    with pytest.raises(ValueError, match="patch_size must be an int >= 1"):
+        PatchEmbed(16, 0, 4, 64)
+
+
+def test_patch_embed_layout_errors():
+    last = PatchEmbed(None, 2, 3, 5, channels_last=True)
+    with pytest.raises(ValueError, match=r"x must be \(B, \*spatial, 3\) with 2 token axes \(channels-last\)"):
+        last(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"every spatial size of x \(5, 4\) must be divisible by patch_size 2"):
+        last(torch.randn(2, 5, 4, 3))
+    fixed_last = PatchEmbed((4, 6), 2, 3, 5, channels_last=True)
+    with pytest.raises(ValueError, match=r"x must have spatial size \(4, 6\), got \(4, 4\)"):
+        fixed_last(torch.randn(2, 4, 4, 3))
+    first = PatchEmbed(None, 2, 3, 5)
+    assert first(torch.randn(2, 3, 4, 6)).shape == (2, 6, 5)
+    with pytest.raises(ValueError, match=r"x must be \(B, 3, \*spatial\) with 2 spatial axes"):
+        first(torch.randn(2, 4, 4, 6))
 
 
 def test_2d_sincos_pos_embed_non_square_rederivation(record_property):

@@ -1,5 +1,6 @@
 """ResidualNetwork / ClassificationResNet: 1-D/2-D/3-D shapes, float64 init references, errors, compile."""
 
+import math
 from functools import partial
 
 import pytest
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from adaln.networks import ClassificationResNet, ResidualNetwork
 from adaln.nn.attention import Attention
 from adaln.nn.blocks import AdaLNZeroResidualBlock
+from adaln.nn.embeddings import PatchEmbed
 from adaln.nn.hyena import Hyena
 from adaln.nn.mlp import Mlp
 
@@ -140,6 +142,17 @@ def test_classification_resnet_shapes_and_init_reference(spatial_dims, shape, mi
     logits = net(x)
     assert logits.shape == (shape[0], 7)
     assert (logits - ref_classifier_at_init(net, x)).abs().max().item() < 1e-12
+
+
+def test_classification_resnet_uses_the_one_patch_embed():
+    torch.manual_seed(0)
+    net = ClassificationResNet(3, 4, 16, 1, spatial_dims=3, patch_size=2)
+    assert type(net.in_proj) is PatchEmbed and net.in_proj.channels_last
+    assert isinstance(net.in_proj.proj, torch.nn.Conv3d) and net.in_proj.init == "torch"
+    bound = 1 / math.sqrt(3 * 2**3)  # ConvNd's default init: weight and bias within 1 / sqrt(fan_in)
+    for p in (net.in_proj.proj.weight, net.in_proj.proj.bias):
+        assert 0.9 * bound < p.abs().max() <= bound
+    assert net(torch.randn(2, 4, 6, 2, 3)).shape == (2, 4)
 
 
 def test_classification_resnet_conditioning():
