@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from os import PathLike
 from typing import Any
 
@@ -635,6 +635,9 @@ class _DiffusersSizes:
     patch: int
     depth: int
     num_classes: int
+
+    def __str__(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> _DiffusersSizes:
