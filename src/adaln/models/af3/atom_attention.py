@@ -23,7 +23,7 @@ atoms at the edges. A key window that still reaches past the real atoms (fewer t
 the last padded query, as the official gather indices do. Padded atom slots are treated exactly like the
 official zero padding: their features are ignored.
 
-Same-frame flag of atom pairs (``offsets_valid``): every commit of the official
+Same-frame flag of atom pairs (``offsets_valid``): every commit on the main history of the official
 ``atom_cross_attention.py`` reads the keys' ``ref_space_uid`` from the (tokens, 24) token-atom layout with
 the flat query-to-key indices (alphafold3 issue #730: the indices address the queries layout, so most
 keys read another atom's uid or padding); the released weights were trained with it.

@@ -109,7 +109,7 @@ def stack_entries(layers: list[dict[str, Entry]], leading: tuple[int, ...], pref
     return stacked
 
 
-def _to_tensor(value: object) -> Tensor | str:
+def checked_tensor(value: object) -> Tensor | str:
     """``value`` as a tensor, or why it cannot be loaded (not numeric, not finite)."""
     if isinstance(value, Tensor):
         t = value.detach()
@@ -171,7 +171,7 @@ def load_alphafold3_params(
         if k in params and _shape(params[k]) != e.shape
     )
     shaped = [k for k, e in entries.items() if k in params and _shape(params[k]) == e.shape]
-    values = {k: _to_tensor(params[k]) for k in shaped}
+    values = {k: checked_tensor(params[k]) for k in shaped}
     unusable = sorted(f"{k}: {v}" for k, v in values.items() if isinstance(v, str))
     if missing or unexpected or misshaped or unusable:
         lines = [f"cannot load AlphaFold3 parameters into {type(module).__name__} (prefix {prefix!r}):"]

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from adaln.models.af3.params import _to_tensor
+from adaln.models.af3.params import checked_tensor
 from adaln.models.af3.transformer import (
     AttentionPairBias,
     ConditionedTransition,
@@ -217,7 +217,7 @@ class _Reader:
         if key not in self.state_dict:
             self.missing.append(key)
             return None
-        value = _to_tensor(self.state_dict[key])
+        value = checked_tensor(self.state_dict[key])
         if isinstance(value, str):
             self.problems.append(f"{key}: {value}")
             return None
@@ -227,6 +227,7 @@ class _Reader:
         return value.to(torch.float64)
 
     def raise_errors(self, module: nn.Module, port: str, hint: str = "") -> None:
+        """One ValueError listing every problem (``hint`` added when an attention tensor is mis-shaped)."""
         unsupported = sorted(k for k in self.state_dict if k.startswith(self.prefix) and k not in self.used)
         if not (self.missing or self.problems or unsupported):
             return
@@ -238,7 +239,7 @@ class _Reader:
         ):
             if keys:
                 lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
-        if hint:
+        if hint and any(".attn." in problem for problem in self.problems):
             lines.append(f"  {hint}")
         raise ValueError("\n".join(lines))
 

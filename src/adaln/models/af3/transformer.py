@@ -221,7 +221,7 @@ class AttentionPairBias(nn.Module):
         super().__init__()
         key_dim = dim if key_dim is None else key_dim
         value_dim = dim if value_dim is None else value_dim
-        for name, width in (("dim", dim), ("key_dim", key_dim), ("value_dim", value_dim)):
+        for name, width in (("key_dim", key_dim), ("value_dim", value_dim)):  # None: dim
             if width % num_heads:
                 raise ValueError(f"{name} ({width}) must be divisible by num_heads ({num_heads})")
         self.dim, self.cond_dim, self.num_heads = dim, cond_dim, num_heads
