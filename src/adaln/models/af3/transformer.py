@@ -219,11 +219,12 @@ class AttentionPairBias(nn.Module):
         value_dim: int | None = None,
     ):
         super().__init__()
+        for name, width in (("key_dim", key_dim), ("value_dim", value_dim)):
+            if (dim if width is None else width) % num_heads:
+                name = f"dim ({dim}, the default {name})" if width is None else f"{name} ({width})"
+                raise ValueError(f"{name} must be divisible by num_heads ({num_heads})")
         key_dim = dim if key_dim is None else key_dim
         value_dim = dim if value_dim is None else value_dim
-        for name, width in (("key_dim", key_dim), ("value_dim", value_dim)):  # None: dim
-            if width % num_heads:
-                raise ValueError(f"{name} ({width}) must be divisible by num_heads ({num_heads})")
         self.dim, self.cond_dim, self.num_heads = dim, cond_dim, num_heads
         self.key_dim, self.value_dim = key_dim, value_dim
         self.adaptive_layernorm = AF3AdaptiveLayerNorm(dim, cond_dim)
