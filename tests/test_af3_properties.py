@@ -103,10 +103,10 @@ def test_input_checks_name_the_argument():
         DiffusionTransformer(8, 6, 4, num_blocks=5, super_block_size=2)
 
 
-def _toy_module():
+def _toy_module(**kwargs):
     return DiffusionModule(
         c_token=16, c_single=8, c_pair=4, c_s_inputs=5, c_atom=8, c_atompair=4, num_blocks=2, num_heads=2,
-        super_block_size=1, atom_blocks=1, atom_heads=2,
+        super_block_size=1, atom_blocks=1, atom_heads=2, **kwargs,
     )
 
 
@@ -263,3 +263,16 @@ def test_diffusion_module_inputs_on_another_device_name_the_argument():
         module(x, torch.ones(2, device="meta"), features=f, **cond)
     with pytest.raises(ValueError, match=r"^features\['ref_pos'\] is on device meta"):
         module(x, 3.0, features=dict(f, ref_pos=f["ref_pos"].to("meta")), **cond)
+
+
+def test_official_gather_needs_the_24_slot_layout():
+    module = _toy_module()
+    f = torch_features(toy_structure(2, (30, 4), padded_slots=2, chains=(0, 0)))
+    f = dict(f, residue_index=f["residue_index"][:2], entity_id=f["entity_id"][:2], sym_id=f["sym_id"][:2])
+    cond = dict(s_trunk=torch.randn(2, 8), s_inputs=torch.randn(2, 5), z_trunk=torch.randn(2, 2, 4))
+    with pytest.raises(ValueError, match=r"token_atom_slot'\] must lie in \[0, 24\) \(without it: at most 24"):
+        module(torch.randn(36, 3), 3.0, features=f, **cond)
+    with pytest.raises(ValueError, match=r"token_atom_slot'\] must be an integer tensor of shape \(36,\)"):
+        module(torch.randn(36, 3), 3.0, features=dict(f, token_atom_slot=torch.zeros(36)), **cond)
+    consistent = _toy_module(uid_gather="queries")  # the token -> queries -> keys gather has no such limit
+    assert consistent(torch.randn(36, 3), 3.0, features=f, **cond).shape == (36, 3)
