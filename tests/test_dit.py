@@ -559,6 +559,13 @@ def test_bad_inputs_raise_clear_errors():
             model(*args)
     with pytest.raises(TypeError, match="input_size"):
         DiT((8, 8, 8), 2, 3, 32, 1, 2)
+    no_null = cfg.model(class_dropout_prob=0.0)
+    with pytest.raises(ValueError, match=r"y must hold class ids in \[0, 9\] \(no null class"):
+        no_null(x, t, torch.tensor([0, 1, 10]))
+    with pytest.raises(ValueError, match="mlp_norm_eps must be > 0"):
+        cfg.model(mlp_norm_eps=0.0)
+    with pytest.raises(ValueError, match="freq_shift must be 0"):
+        cfg.model(freq_shift=2)
 
 
 # ---- diffusion wrappers -------------------------------------------------------------------------

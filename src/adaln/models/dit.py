@@ -49,8 +49,8 @@ class DiTBase(nn.Module):
     fb DiT's ``initialize_weights``; the input checks at the public boundary.
 
     A subclass calls ``_build_stem`` first, then builds its conditioners, ``_register_pos_embed``, its
-    ``self.blocks`` and ``_build_head``, in that order (fb's module order, so a seeded init draws as
-    fb's does), and finally ``initialize_weights``. ``_keeps_own_init`` names sub-modules whose Linears
+    ``self.blocks`` and ``_build_head``, in that order (fb's module order), and finally
+    ``initialize_weights``. ``_keeps_own_init`` names sub-modules whose Linears
     keep their own init (fb's ``_basic_init`` reaches every Linear of its DiT).
     """
 
