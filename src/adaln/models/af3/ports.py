@@ -16,8 +16,10 @@ write ours in their layout. Key names (after ``prefix``), per block ``i``:
   ``fn.{to_attn_bias_norm, to_attn_bias.0}`` (pair norm and projection), ``fn.ff.{0, 2}`` (transition).
 
 (Protenix ``protenix/model/modules/transformer.py`` and ``primitives.py``; alphafold3-pytorch
-``alphafold3_pytorch/alphafold3.py`` and ``attention.py`` at 0.7.12. Before its hyper-connection wrapper,
-alphafold3-pytorch stored the same keys without ``.branch``: both are read, ``branch`` chooses on export.)
+``alphafold3_pytorch/alphafold3.py`` and ``attention.py`` at 0.7.12. Between its bias-free output gate,
+commit ``ffe6a89``, and its hyper-connection wrapper, ``ebaa6ee``, alphafold3-pytorch stored the same keys
+without ``.branch``: both are read, ``branch`` chooses on export. Older layouts (a gate with a bias,
+``to_attn_bias.{0,1}``) are refused with the keys named.)
 
 Layout differences handled here:
 
