@@ -36,7 +36,7 @@ from adaln.diffusion import EDMPrecond
 from adaln.models.dit import DiTBase, EDMTimestep
 from adaln.nn.adaln import AdaLNZero
 from adaln.nn.attention import Attention, CrossAttention
-from adaln.nn.blocks import DiTBlock, FinalLayer
+from adaln.nn.blocks import DiTBlock
 from adaln.nn.embeddings import LabelEmbedding
 from adaln.nn.mlp import Mlp
 
