@@ -15,6 +15,7 @@ yourself, choosing how to drop alpha or map colours to grey.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from adaln.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MODES = {"L": 1, "RGB": 3}
@@ -80,20 +83,20 @@ class ImageFolderDataset(Dataset):
         self.mode = mode
         self.extensions = _extensions(extensions)
         if not self.root.exists():
-            raise FileNotFoundError(f"image folder root {self.root} does not exist")
+            raise DataError(f"image folder root {self.root} does not exist")
         if not self.root.is_dir():
-            raise NotADirectoryError(f"image folder root {self.root} is not a directory")
+            raise DataError(f"image folder root {self.root} is not a directory")
         self.classes = sorted(
             p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
         )
         if not self.classes:
-            raise ValueError(f"image folder root {self.root} has no class sub-folders (expected root/<class>/<image>)")
+            raise DataError(f"image folder root {self.root} has no class sub-folders (expected root/<class>/<image>)")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.samples: list[tuple[Path, int]] = []
         for name in self.classes:
             files = self._image_files(self.root / name)
             if not files:
-                raise ValueError(
+                raise DataError(
                     f"class folder {self.root / name} contains no images with extensions {self.extensions}"
                 )
             for path in files:
@@ -101,8 +104,15 @@ class ImageFolderDataset(Dataset):
                 self.samples.append((path, self.class_to_idx[name]))
 
     def _image_files(self, folder: Path) -> list[Path]:
-        found = []
+        found, seen = [], set()
         for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            # Symlinked folders are followed, but each real folder is read once: a link back to an
+            # ancestor (a loop) or two links to one folder would otherwise load its images many times.
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirnames[:] = []
+                continue
+            seen.add(real)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             found += [
                 Path(dirpath) / f
@@ -113,12 +123,16 @@ class ImageFolderDataset(Dataset):
 
     def _check_file(self, path: Path) -> None:
         try:
-            with Image.open(path) as img:
-                ok, found = _lossless(img, self.mode), img.mode
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"cannot read image {path}: {err}") from err
+            with warnings.catch_warnings():
+                # Pillow only warns between MAX_IMAGE_PIXELS and twice that: a training image that large
+                # is a mistake or a decompression bomb, so both are refused.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    ok, found = _lossless(img, self.mode), img.mode
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise DataError(f"cannot read image {path}: {err}") from err
         if not ok:
-            raise ValueError(
+            raise DataError(
                 f"image {path} has mode {found!r}, which does not convert to mode {self.mode!r} without "
                 f"loss; accepted source modes: {LOSSLESS_SOURCES[self.mode]}"
                 + (" or a palette 'P' without transparency" if self.mode == "RGB" else " or a grey palette 'P'")
@@ -140,8 +154,8 @@ class ImageFolderDataset(Dataset):
                 if img.size != (w, h):
                     img = img.resize((w, h), resample=Image.Resampling.LANCZOS)
                 pixels = np.asarray(img, dtype=np.float32)
-        except OSError as err:
-            raise ValueError(f"cannot decode image {path}: {err}") from err
+        except (OSError, Image.DecompressionBombError) as err:
+            raise DataError(f"cannot decode image {path}: {err}") from err
         if pixels.ndim == 2:
             pixels = pixels[:, :, None]
         # uint8 [0, 255] -> [-1, 1]; Pillow clips the resampled values to [0, 255] already.

@@ -40,7 +40,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from adaln.train.ema import EMA, canonical_name, canonical_state_dict, check_state_dict_match, unwrap_model
+from adaln.engine.ema import EMA, canonical_name, canonical_state_dict, check_state_dict_match, unwrap_model
+from adaln.errors import UserError
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -54,7 +55,7 @@ RNG_JSON = "rng.json"
 STATE_FILE = "state.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, corrupt, truncated or does not fit the objects it is loaded into."""
 
 
@@ -78,7 +79,7 @@ def save_checkpoint(
 
     ``config`` (dict, dataclass or OmegaConf) and ``extra`` (e.g. metrics) must be JSON-serialisable.
     ``model``, ``optimizer`` and ``ema`` may also be given as what their ``state_dict()`` returns (e.g. the
-    full state gathered from a sharded model, ``adaln.train.distributed.checkpoint_state``).
+    full state gathered from a sharded model, ``adaln.engine.distributed.checkpoint_state``).
     Saving a step that already exists replaces it. Returns the checkpoint directory.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -296,8 +297,13 @@ def _state_checksum(state: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def read_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The verified state.json of a checkpoint directory (CheckpointError naming the file otherwise)."""
+    return _read_verified(Path(path))
+
+
 def _read_verified(path: Path) -> dict[str, Any]:
-    """Parse state.json, check its own checksum and every listed file's size and sha256."""
+    """Parse state.json, check its own checksum, its fields, and every listed file's size and sha256."""
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint directory")
     try:
@@ -310,6 +316,15 @@ def _read_verified(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path / STATE_FILE}: checksum mismatch (corrupt file)")
     if not isinstance(state.get("files"), dict):
         raise CheckpointError(f"{path / STATE_FILE}: no 'files' table")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path / STATE_FILE}: 'step' must be a non-negative integer, got {step!r}")
+    for key in ("config", "extra"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            raise CheckpointError(f"{path / STATE_FILE}: {key!r} must be a mapping, got {type(state[key]).__name__}")
+    for name, info in state["files"].items():
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
+            raise CheckpointError(f"{path / STATE_FILE}: entry {name!r} of 'files' needs 'bytes' and 'sha256'")
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path / STATE_FILE}: format_version {state.get('format_version')!r}, this code reads {FORMAT_VERSION}"
@@ -502,7 +517,7 @@ def _check_targets(model: object, optimizer: object, ema: object) -> None:
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     if ema is not None and not isinstance(ema, EMA):
-        raise TypeError(f"ema must be an adaln.train.EMA or None, got {type(ema).__name__}")
+        raise TypeError(f"ema must be an adaln.engine.EMA or None, got {type(ema).__name__}")
 
 
 def _check_generators(generators: object) -> dict[str, torch.Generator]:

@@ -29,8 +29,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from adaln.train.config import ConfigError
-from adaln.train.ema import EMA, canonical_state_dict
+from adaln.errors import ConfigError
+from adaln.engine.ema import EMA, canonical_state_dict
 
 # FSDP2, DTensor and torch.distributed.checkpoint are imported where used: together they take about a
 # second to import, and every ``adaln sample`` imports this module through the training loop.
@@ -165,12 +165,12 @@ def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 
 
-def shard_dit(model: nn.Module, device: torch.device) -> nn.Module:
-    """FSDP2: ``fully_shard`` each block of ``model.blocks``, then the root; returns ``model`` (sharded in place)."""
+def shard_model(model: nn.Module, units: Iterable[nn.Module], device: torch.device) -> nn.Module:
+    """FSDP2: ``fully_shard`` each unit (a transformer block), then the root; returns ``model`` (sharded in place)."""
     from torch.distributed.fsdp import fully_shard
 
     policy = mixed_precision(device)
-    for block in model.blocks:
+    for block in units:
         fully_shard(block, mp_policy=policy)
     # The root keeps its inputs' dtype: bf16 would round a DiT timestep (|t| up to ~1.5e3) to steps of 4-8.
     fully_shard(model, mp_policy=replace(policy, cast_forward_inputs=False))
@@ -178,26 +178,27 @@ def shard_dit(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def distribute_training(
-    model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA, topo: Topology, make_optimizer: OptimizerFactory
+    model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA, topo: Topology, make_optimizer: OptimizerFactory,
+    units: Iterable[nn.Module] = (),
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """``(net, optimizer)`` for ``topo``: ``net`` is the module whose backward synchronises gradients.
 
     ``model``, ``optimizer`` (made by ``make_optimizer(model.parameters())``) and ``ema`` hold the full,
     possibly resumed state. DDP keeps the parameters, so ``optimizer`` is returned as it is. FSDP2 replaces
-    every parameter by its shard: the EMA averages are split the same way and a new optimizer from
+    every parameter by its shard (each of ``units`` sharded on its own, then the root): the EMA averages are split the same way and a new optimizer from
     ``make_optimizer`` receives the full optimizer state, which ``set_optimizer_state_dict`` shards.
     """
     if topo.mode == "none":
         return model, optimizer
     if topo.mode == "ddp":
         ids = [topo.device.index] if topo.device.type == "cuda" else None
-        # DiT's only buffer (pos_embed) is constant: nothing to broadcast each step.
+        # Buffers (DiT's pos_embed, RBF centres) are constants: nothing to broadcast each step.
         return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False), optimizer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     names = _optimizer_param_names(model, optimizer)
     full_optimizer_state = optimizer.state_dict()
-    shard_dit(model, topo.device)
+    shard_model(model, units, topo.device)
     sharded = canonical_state_dict(model)
     ema.shadow = {name: _shard_like(t, sharded[name]) for name, t in ema.shadow.items()}
     optimizer = make_optimizer(model.parameters())

@@ -24,7 +24,6 @@ than ``k`` embed). rdkit is imported lazily: ``pip install 'adaln[ccd]'``.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from adaln.data.ccd import ELEMENTS, Molecule, neighbour_lists, signed_volume
+from adaln.outputs import write_json, write_text
 
 CLASH_SCALE = 0.65  # 0.4% of CCD reference conformers (3,000 train) have a pair below it; 1.6% at 0.7
 MAX_AUTOMORPHISMS = 1000
@@ -319,9 +319,15 @@ REPORT_ROWS = (
 
 
 def write_report(result: dict, json_path: str | Path, md_path: str | Path) -> None:
-    """Write ``result`` (with ``result["methods"]``: name -> ``summarize`` dict) as JSON and a Markdown table."""
+    """Write ``result`` (with ``result["methods"]``: name -> ``summarize`` dict) as JSON and a Markdown
+    table, each atomically."""
+    write_json(json_path, result)
+    write_text(md_path, report_markdown(result))
+
+
+def report_markdown(result: dict) -> str:
+    """The Markdown report: one row per metric, one column per method, then the notes."""
     methods = result["methods"]
-    Path(json_path).write_text(json.dumps(result, indent=2))
     names = list(methods)
     lines = [
         f"# Conformers: {result.get('title', 'CCD test split')}",
@@ -339,4 +345,4 @@ def write_report(result: dict, json_path: str | Path, md_path: str | Path) -> No
     notes = result.get("notes", [])
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
-    Path(md_path).write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"

@@ -30,6 +30,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from adaln.data.digits import DIGITS_IMAGE_SHAPE, DIGITS_NUM_CLASSES, load_digits
+from adaln.outputs import atomic_output, write_json
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "digits_classifier.safetensors"
@@ -169,7 +170,8 @@ class DigitsScorer:
         return self
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``digits_classifier.safetensors`` + ``digits_classifier.json`` into ``directory``."""
+        """Write ``digits_classifier.safetensors`` + ``digits_classifier.json`` into ``directory``, each
+        atomically (temp file + rename)."""
         model = self._require_classifier()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -179,8 +181,9 @@ class DigitsScorer:
             "config": asdict(self.config),
             "weights_sha256": hashlib.sha256(blob).hexdigest(),
         }
-        (directory / WEIGHTS_FILE).write_bytes(blob)
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        with atomic_output(directory / WEIGHTS_FILE) as tmp:  # the config (written last) vouches for it
+            tmp.write_bytes(blob)
+        write_json(directory / CONFIG_FILE, meta)
         return directory
 
     @classmethod

@@ -1,0 +1,249 @@
+"""Task ``text-digits``: a text-conditioned DiT on the 8x8 digits, scored on phrasings never seen in training.
+
+Three variants of ``ConditionalDiT`` see the same captions through different routes: ``pooled`` — the
+pooled sentence embedding added to the timestep embedding before AdaLN (SD3); ``tokens`` — the
+per-token embeddings through cross-attention (PixArt-alpha); ``both``. Captions come from
+``TRAIN_TEMPLATES`` in training and ``HELDOUT_TEMPLATES`` in evaluation, encoded once by
+all-MiniLM-L6-v2 (cached). Each training example draws its phrasing, its conditioning noise, whether all
+its conditions are dropped, its sigma and its noise from its own (seed, step, index) generator.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from adaln.data.digits import load_digits
+from adaln.data.text_digits import (
+    ENCODER_NAME,
+    HELDOUT_TEMPLATES,
+    TRAIN_TEMPLATES,
+    EncodedCaptions,
+    TextEncoder,
+    encode_captions,
+    template_captions,
+)
+from adaln.diffusion import denoising_loss, sample_training_sigmas
+from adaln.diffusion._utils import randn
+from adaln.engine.config import RunConfig, option
+from adaln.engine.seeding import Stream, example_generators, generator
+from adaln.errors import ConfigError
+from adaln.models.conditioning import ConditionalDiT, conditional_dit_edm_denoiser
+from adaln.outputs import check_output_path, save_array, save_grid
+from adaln.tasks._images import (
+    ImageModelConfig,
+    ImageSampleConfig,
+    check_image_model,
+    count_option,
+    generate,
+    sampling_options,
+)
+from adaln.tasks.base import Task, TrainedRun
+
+VARIANTS = ("pooled", "tokens", "both")
+
+
+@dataclass
+class TextData:
+    heldout_fraction: float = option(0.2, gt=0, lt=1)  # digits held out of training (the same split as digits)
+
+
+@dataclass
+class TextSection:
+    variant: str = option("both", choices=VARIANTS)  # pooled (AdaLN), tokens (cross-attention) or both
+    vec_dropout: float = option(0.1, ge=0, le=1)  # per-conditioner null probabilities (ConditionalDiT)
+    token_dropout: float = option(0.1, ge=0, le=1)
+    joint_dropout: float = option(0.1, ge=0, le=1)  # every condition nulled at once: guidance's D_u
+    cond_noise: float = option(0.0, ge=0)  # training noise on the caption embeddings, relative to their RMS
+    cache_dir: str | None = None  # caption-embedding cache; None: $XDG_CACHE_HOME/adaln/text
+    per_prompt: int = option(20, ge=1, resumable=True)  # eval: samples per held-out caption
+
+
+@dataclass
+class TextDigitsConfig(RunConfig):
+    task: str = "text-digits"
+    name: str = "digits-text"
+    data: TextData = field(default_factory=TextData)
+    model: ImageModelConfig = field(default_factory=ImageModelConfig)
+    sample: ImageSampleConfig = option(resumable=True, default_factory=ImageSampleConfig)
+    text: TextSection = field(default_factory=TextSection)
+    sigma_data: float = option(0.5, gt=0)
+    p_mean: float = -1.2
+    p_std: float = option(1.2, gt=0)
+
+
+class TextDigitsTask(Task):
+    name = "text-digits"
+    config = TextDigitsConfig
+    sample_options = ("prompt", "cfg", "sampler")
+    eval_options = ("cfg",)
+
+    def __init__(self, cfg: TextDigitsConfig, device: torch.device, *, progress: bool = True,
+                 encoder: TextEncoder | None = None):
+        super().__init__(cfg, device, progress=progress)
+        images, labels = load_digits("train", heldout_fraction=cfg.data.heldout_fraction)
+        self.images, self.labels, self.num_examples = images.to(device), labels.to(device), len(images)
+        captions, _ = template_captions(TRAIN_TEMPLATES)
+        self.encoder_name = ENCODER_NAME if encoder is None else encoder.name
+        self.encoded = encode_captions(captions, encoder=encoder, cache_dir=cfg.text.cache_dir).to(device)
+        # Conditioning noise relative to the embeddings' RMS over the training captions (real tokens only).
+        e = self.encoded
+        self.token_std = cfg.text.cond_noise * float(e.tokens[e.mask].square().mean().sqrt())
+        self.pooled_std = cfg.text.cond_noise * float(e.pooled.square().mean().sqrt())
+
+    @classmethod
+    def check(cls, cfg: TextDigitsConfig) -> None:
+        if cfg.model.mixer != "attention":
+            raise ConfigError(f"model.mixer must be attention for text-digits (cross-attention needs it), "
+                              f"got {cfg.model.mixer!r}")
+        check_image_model(cfg.model, 8)
+
+    def info(self) -> dict[str, Any]:
+        return {"token_dim": self.encoded.dim, "encoder": self.encoder_name}
+
+    @classmethod
+    def model_from(cls, cfg: TextDigitsConfig, info: dict[str, Any]) -> ConditionalDiT:
+        m, t, dim = cfg.model, cfg.text, int(info["token_dim"])
+        return ConditionalDiT(
+            8, m.patch_size, 1, m.hidden_size, m.depth, m.num_heads, m.mlp_ratio,
+            vec_dim=dim if t.variant in ("pooled", "both") else None,
+            token_dim=dim if t.variant in ("tokens", "both") else None,
+            vec_dropout=t.vec_dropout, token_dropout=t.token_dropout, learn_sigma=False,
+        )
+
+    def loss(self, net: nn.Module, step: int, indices: Tensor, rank: int) -> Tensor:
+        cfg, device = self.cfg, self.device
+        gens = example_generators(cfg.seed, step, indices, device)
+        idx = indices.to(device)
+        x0, y = self.images[idx], self.labels[idx]
+        phrasing = torch.cat([torch.randint(len(TRAIN_TEMPLATES), (1,), generator=g, device=device) for g in gens])
+        tokens, mask, pooled = self.encoded.select(phrasing * 10 + y)
+        if cfg.text.cond_noise > 0:
+            tokens, pooled = condition_noise(tokens, mask, pooled, self.token_std, self.pooled_std, gens)
+        # Joint dropout: these examples lose every condition at once (what guidance's D_u sees).
+        drop = torch.cat([torch.rand(1, generator=g, device=device) for g in gens]) < cfg.text.joint_dropout
+        cond = text_cond(unwrap(net), tokens, mask & ~drop[:, None], torch.where(drop[:, None], 0.0, pooled))
+        sigma = sample_training_sigmas(len(x0), "edm", p_mean=cfg.p_mean, p_std=cfg.p_std, generator=gens,
+                                       device=device)
+        dropout = generator(cfg.seed, Stream.DROPOUT, rank, step, device=device)
+        denoiser = conditional_dit_edm_denoiser(net, sigma_data=cfg.sigma_data)
+        return denoising_loss(partial(denoiser, generator=dropout), x0, sigma, sigma_data=cfg.sigma_data,
+                              generator=gens, **cond)
+
+    # ---- inference ---------------------------------------------------------------------------------
+    @classmethod
+    def sample(cls, run: TrainedRun, options: dict[str, Any]) -> str:
+        cls.check_options(options, cls.sample_options, "sample")
+        prompts = options.get("prompt")
+        if not prompts:
+            raise ConfigError(f"{run.run_dir} holds a text-conditioned model: give --prompt \"...\" (repeatable)")
+        out = check_output_path(options.get("output") or run.run_dir / "prompts.png")
+        images = sample_prompts(run, prompts, out, options)
+        return f"wrote {out} and {out.with_suffix('.npy')}: {len(images)} samples for {len(prompts)} prompt(s)"
+
+    @classmethod
+    def evaluate(cls, run: TrainedRun, options: dict[str, Any]) -> str:
+        import json
+
+        cls.check_options(options, cls.eval_options, "eval")
+        return json.dumps(score(run, options), indent=2)
+
+
+def unwrap(net: nn.Module) -> ConditionalDiT:
+    return getattr(net, "module", net)
+
+
+def condition_noise(tokens: Tensor, mask: Tensor, pooled: Tensor, token_std: float, pooled_std: float,
+                    gens: list[torch.Generator]) -> tuple[Tensor, Tensor]:
+    """Conditioning augmentation: Gaussian noise of std ``token_std`` on the real tokens and ``pooled_std``
+    on the pooled vectors (row ``i`` from generator ``i``), so the model learns a neighbourhood of each
+    training caption rather than a point (80 captions are otherwise memorised and unseen phrasings fall
+    between them). tokens (B, L, D), mask (B, L), pooled (B, D)."""
+    noise_t = randn(tuple(tokens.shape), gens, dtype=tokens.dtype, device=tokens.device)
+    noise_p = randn(tuple(pooled.shape), gens, dtype=pooled.dtype, device=pooled.device)
+    return tokens + token_std * noise_t * mask[..., None], pooled + pooled_std * noise_p
+
+
+def text_cond(model: ConditionalDiT, tokens: Tensor, mask: Tensor, pooled: Tensor) -> dict[str, Tensor]:
+    """The keyword arguments of ``model`` for encoded captions: vec and/or tokens + token_mask."""
+    cond = {}
+    if model.vec_dim is not None:
+        cond["vec"] = pooled
+    if model.token_dim is not None:
+        cond["tokens"], cond["token_mask"] = tokens, mask
+    return cond
+
+
+def _encode(run: TrainedRun, captions: list[str], encoder: TextEncoder | None) -> EncodedCaptions:
+    trained_with = run.info.get("encoder", ENCODER_NAME)
+    if (encoder.name if encoder is not None else ENCODER_NAME) != trained_with:
+        raise ConfigError(f"{run.run_dir} was trained with the text encoder {trained_with!r}; pass that encoder")
+    return encode_captions(captions, encoder=encoder, cache_dir=run.cfg.text.cache_dir)
+
+
+def generate_from_captions(run: TrainedRun, encoded: EncodedCaptions, per_prompt: int, *, scale: float, steps: int,
+                           sampler: str, seed: int = 0, chunk: int = 500) -> Tensor:
+    """``per_prompt`` samples of each caption, caption-major: (P * per_prompt, 1, 8, 8) in [-1, 1]; sample
+    ``k`` of caption ``p`` from the generation generator (seed, p, k)."""
+    model, device = run.model, run.device
+    which = torch.arange(len(encoded.captions)).repeat_interleave(per_prompt)
+    gens = [generator(seed, Stream.GENERATE, p, k, device=device)
+            for p in range(len(encoded.captions)) for k in range(per_prompt)]
+
+    def conds():
+        for i in range(0, len(which), chunk):
+            tokens, mask, pooled = encoded.select(which[i : i + chunk])
+            yield text_cond(model, tokens.to(device), mask.to(device), pooled.to(device))
+
+    images, _ = generate(
+        conditional_dit_edm_denoiser(model, sigma_data=run.cfg.sigma_data), (model.in_channels, *model.input_size),
+        conds(), gens, scale=scale, null_cond=model.null_cond(), steps=steps, sampler=sampler,
+        sigma_data=run.cfg.sigma_data, chunk=chunk, device=device,
+    )
+    return images
+
+
+def sample_prompts(run: TrainedRun, prompts: list[str], output: Any, options: dict[str, Any],
+                   encoder: TextEncoder | None = None) -> Tensor:
+    """Encode the prompts, sample with guidance, write a PNG grid (one row per prompt) and the .npy."""
+    if not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ConfigError("--prompt must be a non-empty text")
+    scale, steps, sampler = sampling_options(run.cfg, options)
+    images = generate_from_captions(run, _encode(run, list(prompts), encoder), count_option(options, 8),
+                                    scale=scale, steps=steps, sampler=sampler, seed=options.get("seed", 0))
+    save_grid(images, len(prompts), output)
+    save_array(output.with_suffix(".npy"), images)
+    return images
+
+
+def score(run: TrainedRun, options: dict[str, Any], *, templates: str = "heldout",
+          encoder: TextEncoder | None = None) -> dict[str, Any]:
+    """Sample every caption of ``templates`` ("heldout": phrasings never seen in training) and score with
+    ``DigitsScorer`` against the digit each caption names; also written to RUN/eval.json."""
+    from adaln.eval import DigitsScorer
+    from adaln.outputs import write_json
+
+    scale, steps, sampler = sampling_options(run.cfg, options)
+    per_prompt = count_option(options, run.cfg.text.per_prompt)
+    captions, labels = template_captions(templates)
+    t0 = time.perf_counter()
+    images = generate_from_captions(run, _encode(run, captions, encoder), per_prompt, scale=scale, steps=steps,
+                                    sampler=sampler, seed=options.get("seed", 0))
+    sampling_s = time.perf_counter() - t0
+    requested = labels.repeat_interleave(per_prompt)
+    scorer = DigitsScorer.load_or_fit(run.run_dir / "digits_classifier")
+    scores = scorer.evaluate_samples(images.cpu(), requested)
+    correct = (scorer.predict(images.cpu()) == requested).double().view(-1, 10 * per_prompt).mean(dim=1)
+    names = HELDOUT_TEMPLATES if templates == "heldout" else TRAIN_TEMPLATES
+    result = {
+        **scores,
+        "per_template_accuracy": {t: round(float(a), 4) for t, a in zip(names, correct)},
+        "samples": int(len(images)), "sampling_seconds": round(sampling_s, 2), "cfg": scale, "step": run.step,
+    }
+    write_json(run.run_dir / "eval.json", result)
+    return result
