@@ -32,7 +32,6 @@ import torch
 from torch import Tensor, nn
 
 from adaln.diffusion import EDMPrecond, VPEpsDenoiser
-from adaln.functional import norm_modulate
 from adaln.nn.adaln import AdaLNZero
 from adaln.nn.blocks import AdaLNZeroResidualBlock, DiTBlock, FinalLayer
 from adaln.nn.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
@@ -203,27 +202,6 @@ def _describe_value(v: object) -> str:
 #################################################################################
 
 
-class MlpEpsDiTBlock(DiTBlock):
-    """``adaln.nn.DiTBlock`` whose MLP-branch LayerNorm has its own eps ``mlp_norm_eps``.
-
-    diffusers' ``BasicTransformerBlock`` (``norm_type="ada_norm_zero"``) normalises the MLP branch with
-    ``norm3 = LayerNorm(dim, norm_eps)`` from its config (class default 1e-5) while its attention-branch
-    norm (``AdaLayerNormZero.norm``) keeps 1e-6; fb uses 1e-6 for both. With ``mlp_norm_eps=1e-6`` this
-    is ``DiTBlock`` exactly. x (B, N, C), c (B, C) -> (B, N, C).
-    """
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, mlp_norm_eps: float = FB_EPS):
-        super().__init__(hidden_size, num_heads, mlp_ratio=mlp_ratio)
-        self.mlp_norm_eps = mlp_norm_eps
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        ada = self.adaLN_modulation
-        (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = ada(c)
-        x = ada.residual(x, self.attn(ada.modulate(x, shift_msa, scale_msa)), gate_msa)
-        h = norm_modulate(x, shift_mlp, scale_mlp, norm="layer", eps=self.mlp_norm_eps)
-        return ada.residual(x, self.mlp(h), gate_mlp)
-
-
 class DiT(DiTBase):
     """Diffusion model with a Transformer backbone (facebookresearch/DiT ``models.DiT``).
 
@@ -267,7 +245,7 @@ class DiT(DiTBase):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self._register_pos_embed("tokens")
         self.blocks = nn.ModuleList(
-            MlpEpsDiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, mlp_norm_eps=mlp_norm_eps)
+            DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, mlp_norm_eps=mlp_norm_eps)
             for _ in range(depth)
         )
         self._build_head()

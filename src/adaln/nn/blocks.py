@@ -402,6 +402,9 @@ class DiTBlock(nn.Module):
     modulation SiLU -> Linear(C, 6C) giving (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
     gate_mlp), zero-initialised. x (B, N, C) (or (B, *spatial, C)), c (B, C) -> (B, N, C).
     ``qk_norm`` and ``block_kwargs`` (attn_drop, proj_drop) go to ``Attention``; fb has no qk-norm.
+    ``mlp_norm_eps`` is the MLP branch's LayerNorm eps: diffusers' ``BasicTransformerBlock``
+    (``norm_type="ada_norm_zero"``) takes it from its config's ``norm_eps`` (``norm3``, class default 1e-5)
+    while its attention-branch norm keeps 1e-6; fb uses 1e-6 for both.
     """
 
     def __init__(
@@ -411,10 +414,11 @@ class DiTBlock(nn.Module):
         mlp_ratio: float = 4.0,
         *,
         qk_norm: str | None = None,
+        mlp_norm_eps: float = 1e-6,
         **block_kwargs: float,
     ) -> None:
         super().__init__()
-        self.hidden_size = hidden_size
+        self.hidden_size, self.mlp_norm_eps = hidden_size, mlp_norm_eps
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm, **block_kwargs)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act="gelu_tanh")
         self.adaLN_modulation = AdaLNZero(hidden_size, hidden_size, branches=2)
@@ -424,7 +428,8 @@ class DiTBlock(nn.Module):
         ada = self.adaLN_modulation
         (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = ada(c)
         x = ada.residual(x, self.attn(ada.modulate(x, shift_msa, scale_msa)), gate_msa)
-        return ada.residual(x, self.mlp(ada.modulate(x, shift_mlp, scale_mlp)), gate_mlp)
+        h = norm_modulate(x, shift_mlp, scale_mlp, norm="layer", eps=self.mlp_norm_eps)
+        return ada.residual(x, self.mlp(h), gate_mlp)
 
 
 class FinalLayer(nn.Module):
