@@ -1,1 +1,1 @@
-"""Training presets (YAML files read by adaln.train.config)."""
+"""Training presets: YAML files, each naming its task (read by adaln.engine.config)."""
