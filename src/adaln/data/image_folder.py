@@ -93,8 +93,9 @@ class ImageFolderDataset(Dataset):
             raise DataError(f"image folder root {self.root} has no class sub-folders (expected root/<class>/<image>)")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.samples: list[tuple[Path, int]] = []
+        reserved = {os.path.realpath(p) for p in (self.root, *(self.root / c for c in self.classes))}
         for name in self.classes:
-            files = self._image_files(self.root / name)
+            files = self._image_files(self.root / name, reserved)
             if not files:
                 raise DataError(
                     f"class folder {self.root / name} contains no images with extensions {self.extensions}"
@@ -103,16 +104,19 @@ class ImageFolderDataset(Dataset):
                 self._check_file(path)
                 self.samples.append((path, self.class_to_idx[name]))
 
-    def _image_files(self, folder: Path) -> list[Path]:
-        found, seen = [], set()
+    def _image_files(self, folder: Path, reserved: set[str]) -> list[Path]:
+        """The images under ``folder``. Symlinked folders are followed, but a real folder is read once in
+        the whole data set, and never the root or another class's folder (``reserved``): a link back to
+        an ancestor (a loop) or into another class would otherwise load images many times, or under the
+        wrong label."""
+        found, top = [], True
         for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            # Symlinked folders are followed, but each real folder is read once: a link back to an
-            # ancestor (a loop) or two links to one folder would otherwise load its images many times.
             real = os.path.realpath(dirpath)
-            if real in seen:
+            if not top and real in reserved:
                 dirnames[:] = []
                 continue
-            seen.add(real)
+            top = False
+            reserved.add(real)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             found += [
                 Path(dirpath) / f

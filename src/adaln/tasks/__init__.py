@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from adaln.engine.checkpoint import list_checkpoints, read_state
 from adaln.engine.config import build_config, changed_keys, read_source, resumable_keys
 from adaln.engine.rundir import read_config, run_path
 from adaln.errors import ConfigError
@@ -58,10 +59,13 @@ def train_config(out: str, source: str | None, overrides: dict[str, Any], resume
     if not resume:
         task, cfg = load_config(source or "digits", overrides)
         return task, cfg, run_dir
-    saved = read_config(run_dir) if run_dir.is_dir() else None
-    if saved is None:
-        raise ConfigError(f"--resume: {run_dir} holds no run (no config.json); drop --resume to start one there")
-    label = str(run_dir / "config.json")
+    saved, label = (read_config(run_dir), str(run_dir / "config.json")) if run_dir.is_dir() else (None, "")
+    if saved is None and list_checkpoints(run_dir):  # config.json lost: the newest checkpoint's config
+        newest = list_checkpoints(run_dir)[-1]
+        saved, label = read_state(newest).get("config"), str(newest / "state.json")
+    if not saved:
+        raise ConfigError(f"--resume: {run_dir} holds no run (no config.json or checkpoint); drop --resume to "
+                          "start one there")
     task = get_task(saved["task"], label)
     before = build_config(task.config, saved, {}, label)
     if source is not None:

@@ -28,12 +28,12 @@ from adaln.data.text_digits import (
     encode_captions,
     template_captions,
 )
-from adaln.diffusion import denoising_loss, sample_training_sigmas
-from adaln.diffusion._utils import randn
+from adaln.diffusion import EDMPrecond, denoising_loss, sample_training_sigmas
 from adaln.engine.config import RunConfig, option
 from adaln.engine.seeding import Stream, example_generators, generator
 from adaln.errors import ConfigError
 from adaln.models.conditioning import ConditionalDiT, conditional_dit_edm_denoiser
+from adaln.models.dit import EDMTimestep
 from adaln.outputs import check_output_path, save_array, save_grid
 from adaln.tasks._images import (
     ImageModelConfig,
@@ -124,14 +124,15 @@ class TextDigitsTask(Task):
         phrasing = torch.cat([torch.randint(len(TRAIN_TEMPLATES), (1,), generator=g, device=device) for g in gens])
         tokens, mask, pooled = self.encoded.select(phrasing * 10 + y)
         if cfg.text.cond_noise > 0:
-            tokens, pooled = condition_noise(tokens, mask, pooled, self.token_std, self.pooled_std, gens)
+            tokens, pooled = condition_noise(tokens, mask, pooled, self.token_std, self.pooled_std, gens,
+                                             self.encoded.tokens.shape[1])
         # Joint dropout: these examples lose every condition at once (what guidance's D_u sees).
         drop = torch.cat([torch.rand(1, generator=g, device=device) for g in gens]) < cfg.text.joint_dropout
         cond = text_cond(unwrap(net), tokens, mask & ~drop[:, None], torch.where(drop[:, None], 0.0, pooled))
         sigma = sample_training_sigmas(len(x0), "edm", p_mean=cfg.p_mean, p_std=cfg.p_std, generator=gens,
                                        device=device)
         dropout = generator(cfg.seed, Stream.DROPOUT, rank, step, device=device)
-        denoiser = conditional_dit_edm_denoiser(net, sigma_data=cfg.sigma_data)
+        denoiser = EDMPrecond(net, cfg.sigma_data, noise_input=EDMTimestep())  # net may be a DDP wrapper
         return denoising_loss(partial(denoiser, generator=dropout), x0, sigma, sigma_data=cfg.sigma_data,
                               generator=gens, **cond)
 
@@ -159,13 +160,20 @@ def unwrap(net: nn.Module) -> ConditionalDiT:
 
 
 def condition_noise(tokens: Tensor, mask: Tensor, pooled: Tensor, token_std: float, pooled_std: float,
-                    gens: list[torch.Generator]) -> tuple[Tensor, Tensor]:
+                    gens: list[torch.Generator], max_len: int) -> tuple[Tensor, Tensor]:
     """Conditioning augmentation: Gaussian noise of std ``token_std`` on the real tokens and ``pooled_std``
-    on the pooled vectors (row ``i`` from generator ``i``), so the model learns a neighbourhood of each
-    training caption rather than a point (80 captions are otherwise memorised and unseen phrasings fall
-    between them). tokens (B, L, D), mask (B, L), pooled (B, D)."""
-    noise_t = randn(tuple(tokens.shape), gens, dtype=tokens.dtype, device=tokens.device)
-    noise_p = randn(tuple(pooled.shape), gens, dtype=pooled.dtype, device=pooled.device)
+    on the pooled vectors, so the model learns a neighbourhood of each training caption rather than a
+    point (80 captions are otherwise memorised and unseen phrasings fall between them).
+
+    Row ``i`` draws from generator ``i`` only: its pooled noise (D), then noise for ``max_len`` token
+    positions (the longest caption of the data set), of which the batch's ``L <= max_len`` are used, so
+    what a row draws does not depend on the other captions of the batch.
+    tokens (B, L, D), mask (B, L), pooled (B, D)."""
+    length, dim = tokens.shape[1:]
+    noise_p = torch.stack([torch.randn(pooled.shape[1:], generator=g, dtype=pooled.dtype, device=g.device)
+                           for g in gens]).to(pooled.device)
+    noise_t = torch.stack([torch.randn((max_len, dim), generator=g, dtype=tokens.dtype, device=g.device)[:length]
+                           for g in gens]).to(tokens.device)
     return tokens + token_std * noise_t * mask[..., None], pooled + pooled_std * noise_p
 
 
@@ -180,6 +188,9 @@ def text_cond(model: ConditionalDiT, tokens: Tensor, mask: Tensor, pooled: Tenso
 
 
 def _encode(run: TrainedRun, captions: list[str], encoder: TextEncoder | None) -> EncodedCaptions:
+    if run.task is not TextDigitsTask:
+        raise ConfigError(f"{run.run_dir} holds a {run.task.name} run, which takes no text: prompts need a "
+                          "text-digits run (adaln train --config digits-text)")
     trained_with = run.info.get("encoder", ENCODER_NAME)
     if (encoder.name if encoder is not None else ENCODER_NAME) != trained_with:
         raise ConfigError(f"{run.run_dir} was trained with the text encoder {trained_with!r}; pass that encoder")
