@@ -24,7 +24,8 @@ def rotation_about(axis, angle):
 
 def test_pair_embedding_is_linear_in_pair_features(mols):
     torch.manual_seed(0)
-    model = ConformerDenoiser(c_atom=16, c_pair=8, num_blocks=2, num_heads=2).double()
+    model = ConformerDenoiser(c_atom=16, c_pair=8, num_blocks=2, num_heads=2, atom_dim=ccd.ATOM_FEATURES_DIM,
+                              pair_code_sizes=ccd.PAIR_CODE_SIZES).double()
     atp = mols["ATP"]
     codes = torch.from_numpy(ccd.pair_codes(atp))
     z = model.pair.code_embedding(codes).detach().numpy()
@@ -38,7 +39,8 @@ def test_pair_embedding_is_linear_in_pair_features(mols):
 
 def test_denoiser_is_permutation_equivariant_and_checks_inputs(mols):
     torch.manual_seed(0)
-    model = ConformerDenoiser(c_atom=16, c_pair=8, num_blocks=2, num_heads=2).double()
+    model = ConformerDenoiser(c_atom=16, c_pair=8, num_blocks=2, num_heads=2, atom_dim=ccd.ATOM_FEATURES_DIM,
+                              pair_code_sizes=ccd.PAIR_CODE_SIZES).double()
     for p in model.parameters():  # re-randomise: zero-initialised output and gates hide errors
         torch.nn.init.normal_(p, std=0.3)
     batch = ccd.collate_molecules([mols["SER"], mols["ALA"]], dtype=torch.float64)
@@ -101,3 +103,7 @@ def test_model_imports_no_training_code():
     code = "import sys, adaln.models.conformer; print(sorted(m for m in sys.modules if m.startswith('adaln.train')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_model_reads_parity_from_the_last_atom_channel_where_the_data_puts_it():
+    assert ccd.PARITY_CHANNEL == ccd.ATOM_FEATURES_DIM - 1 and list(ccd.ATOM_CHANNELS)[-1] == "parity"

@@ -59,7 +59,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from adaln.tasks import load_run
 
     run = load_run(args.run, device=args.device, use_ema=not args.no_ema)
-    print(run.task.sample(run, _options(args)))
+    options = _options(args)
+    run.task.check_options(options, run.task.sample_options, "sample")
+    print(run.task.sample(run, options))
     return 0
 
 
@@ -67,7 +69,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from adaln.tasks import load_run
 
     run = load_run(args.run, device=args.device)
-    print(run.task.evaluate(run, _options(args)))
+    options = _options(args)
+    run.task.check_options(options, run.task.eval_options, "eval")
+    print(run.task.evaluate(run, options))
     return 0
 
 

@@ -11,8 +11,10 @@ reference-conformer offsets there, which a conformer generator does not have), a
 ``EquivariantHead`` (EGNN-style, rotation-equivariant for any weights) and ``ChiralityHead`` (moves
 stereocentres towards their reference parity); each can be switched off for the plain AF3 form.
 
-Inputs are the ``adaln.data.ccd`` features: ``atom_feats`` (B, N, ATOM_FEATURES_DIM) and ``pair_codes``
-(B, N, N, 4) int64 categories (``PAIR_CODE_SIZES``).
+Inputs are features such as ``adaln.data.ccd`` makes: ``atom_feats`` (B, N, atom_dim) whose last channel
+is the stereocentre parity (+1 / -1, 0 elsewhere), and ``pair_codes`` (B, N, N, 4) int64 categories of
+``pair_code_sizes`` whose last group is the neighbour rank around a stereocentre (0: none, 1-3). The task
+passes the widths (``ATOM_FEATURES_DIM``, ``PAIR_CODE_SIZES``), so this layer imports no data code.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaln.data.ccd import ATOM_FEATURES_DIM, PAIR_CODE_SIZES, PARITY_CHANNEL
 from adaln.models.af3 import AF3LayerNorm, ConditionedTransition, DiffusionTransformer, af3_linear
 from adaln.nn import FourierEmbedding
 
@@ -128,7 +129,7 @@ class ChiralityHead(nn.Module):
         rank = F.one_hot(pair_codes[..., 3], 4)[..., 1:].to(x.dtype)  # (B, N, N, 3): j is neighbour k of i
         n1, n2, n3 = torch.einsum("bijk,bjc->bikc", rank, x).unbind(-2)
         u = torch.linalg.cross(n2 - n1, n3 - n1, dim=-1)
-        parity = atom_feats[..., PARITY_CHANNEL : PARITY_CHANNEL + 1].to(x.dtype)
+        parity = atom_feats[..., -1:].to(x.dtype)  # the last atom channel
         return -parity * u / (u.norm(dim=-1, keepdim=True) + 1e-6)
 
     def forward(self, a: Tensor, x: Tensor, atom_feats: Tensor, pair_codes: Tensor) -> Tensor:
@@ -149,7 +150,7 @@ class ConformerDenoiser(nn.Module):
     The AF3 output Linear is zero-initialised (AF3 final_init). Ours, not AF3's: the distance RBFs in
     ``z`` and the two heads; the equivariant head makes local geometry learnable from far fewer steps,
     the chirality head lets the parity features act (a mirror-symmetric update cannot). Switch each off
-    for the plain AF3 form. x: (B, N, 3); noise_level: (B,); atom_feats: (B, N, ATOM_FEATURES_DIM);
+    for the plain AF3 form. x: (B, N, 3); noise_level: (B,); atom_feats: (B, N, atom_dim);
     pair_codes: (B, N, N, 4) int64; atom_mask: (B, N).
     """
 
@@ -164,8 +165,9 @@ class ConformerDenoiser(nn.Module):
         distance_rbf: int = 16,
         equivariant_head: bool = True,
         chirality_head: bool = True,
-        atom_dim: int = ATOM_FEATURES_DIM,
-        pair_code_sizes: tuple[int, ...] = PAIR_CODE_SIZES,
+        *,
+        atom_dim: int,
+        pair_code_sizes: tuple[int, ...],
     ):
         super().__init__()
         self.atom_dim = atom_dim

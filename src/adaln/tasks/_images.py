@@ -4,14 +4,14 @@ training loss and guided sampling of image batches. Not a task itself."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from adaln.diffusion import ClassifierFreeGuidance, sample_af3, sample_ddim, sample_edm
-from adaln.engine.config import option
+from adaln.engine.config import RunConfig, option
 from adaln.errors import ConfigError
 
 SAMPLERS = ("heun", "euler", "af3", "ddim")
@@ -34,6 +34,17 @@ class ImageSampleConfig:
     steps: int = option(32, ge=1)
     sampler: str = option("heun", choices=SAMPLERS)
     per_class: int = option(100, ge=1)  # eval: samples per class (or per caption for text-digits)
+
+
+@dataclass
+class ImageDiffusionConfig(RunConfig):
+    """The keys both image tasks share: the DiT, its sampler, and EDM's data scale and training sigmas."""
+
+    model: ImageModelConfig = field(default_factory=ImageModelConfig)
+    sample: ImageSampleConfig = option(resumable=True, default_factory=ImageSampleConfig)
+    sigma_data: float = option(0.5, gt=0)  # images scaled to [-1, 1]
+    p_mean: float = -1.2  # EDM log-normal training sigmas: ln sigma ~ N(p_mean, p_std^2)
+    p_std: float = option(1.2, gt=0)
 
 
 def check_image_model(m: ImageModelConfig, image_size: int) -> None:

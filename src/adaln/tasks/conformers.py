@@ -22,10 +22,25 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from adaln.data.ccd import ConformerBatch, Molecule, collate_molecules, coordinate_rms, load_ccd, load_component
-from adaln.data.ccd import signed_volume
-from adaln.diffusion import EDMPrecond, centre_random_augmentation, denoising_loss, loss_weight, sample_af3
-from adaln.diffusion import sample_training_sigmas
+from adaln.data.ccd import (
+    ATOM_FEATURES_DIM,
+    PAIR_CODE_SIZES,
+    ConformerBatch,
+    Molecule,
+    collate_molecules,
+    coordinate_rms,
+    load_ccd,
+    load_component,
+    signed_volume,
+)
+from adaln.diffusion import (
+    EDMPrecond,
+    centre_random_augmentation,
+    denoising_loss,
+    loss_weight,
+    sample_af3,
+    sample_training_sigmas,
+)
 from adaln.engine.config import RunConfig, option
 from adaln.engine.seeding import Stream, example_generators, generator
 from adaln.errors import ConfigError
@@ -113,7 +128,8 @@ class ConformerTask(Task):
     def model_from(cls, cfg: ConformerConfig, info: dict[str, Any]) -> ConformerDenoiser:
         m = cfg.model
         return ConformerDenoiser(m.c_atom, m.c_pair, m.num_blocks, m.num_heads, m.super_block_size,
-                                 m.single_transitions, m.distance_rbf, m.equivariant_head, m.chirality_head)
+                                 m.single_transitions, m.distance_rbf, m.equivariant_head, m.chirality_head,
+                                 atom_dim=ATOM_FEATURES_DIM, pair_code_sizes=PAIR_CODE_SIZES)
 
     def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
         return list(model.transformer.blocks)
@@ -144,7 +160,6 @@ class ConformerTask(Task):
     # ---- inference ---------------------------------------------------------------------------------
     @classmethod
     def sample(cls, run: TrainedRun, options: dict[str, Any]) -> str:
-        cls.check_options(options, cls.sample_options, "sample")
         component = options.get("component")
         if not component:
             raise ConfigError(f"{run.run_dir} holds a conformer model: give --component ID (a CCD id such as ATP)")
@@ -157,7 +172,6 @@ class ConformerTask(Task):
 
     @classmethod
     def evaluate(cls, run: TrainedRun, options: dict[str, Any]) -> str:
-        cls.check_options(options, cls.eval_options, "eval")
         result = evaluate_conformers(run, k=options.get("n"), limit=options.get("limit"), seed=options.get("seed", 0),
                                      sample=_sampler_options(options))
         ratio = result["median_best_rmsd_ratio"]

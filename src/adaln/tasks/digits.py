@@ -19,15 +19,14 @@ from torch import Tensor, nn
 
 from adaln.data import load_digits, load_image_folder
 from adaln.diffusion import EDMPrecond, denoising_loss, sample_training_sigmas
-from adaln.engine.config import RunConfig, option
+from adaln.engine.config import option
 from adaln.engine.seeding import Stream, example_generators, generator
 from adaln.errors import ConfigError
 from adaln.models.dit import DiT, EDMTimestep, dit_edm_denoiser
 from adaln.models.residual_denoiser import ResidualDenoiser
 from adaln.outputs import check_output_path, save_array, save_grid, write_json
 from adaln.tasks._images import (
-    ImageModelConfig,
-    ImageSampleConfig,
+    ImageDiffusionConfig,
     check_image_model,
     count_option,
     generate,
@@ -46,15 +45,10 @@ class DigitsData:
 
 
 @dataclass
-class DigitsConfig(RunConfig):
+class DigitsConfig(ImageDiffusionConfig):
     task: str = "digits"
     name: str = "digits"
     data: DigitsData = field(default_factory=DigitsData)
-    model: ImageModelConfig = field(default_factory=ImageModelConfig)
-    sample: ImageSampleConfig = option(resumable=True, default_factory=ImageSampleConfig)
-    sigma_data: float = option(0.5, gt=0)  # images scaled to [-1, 1]
-    p_mean: float = -1.2  # EDM log-normal training sigmas: ln sigma ~ N(p_mean, p_std^2)
-    p_std: float = option(1.2, gt=0)
 
 
 class DigitsTask(Task):
@@ -135,7 +129,6 @@ class DigitsTask(Task):
 
     @classmethod
     def sample(cls, run: TrainedRun, options: dict[str, Any]) -> str:
-        cls.check_options(options, cls.sample_options, "sample")
         classes = _parse_classes(options.get("classes"), int(run.info["num_classes"]))
         n = count_option(options, 8)
         scale, steps, sampler = sampling_options(run.cfg, options)
@@ -157,7 +150,6 @@ class DigitsTask(Task):
         """Sample every class, score with the digits classifier; writes eval.json and eval_cfg{W}.json."""
         from adaln.eval import DigitsScorer
 
-        cls.check_options(options, cls.eval_options, "eval")
         if run.cfg.data.name != "digits":
             raise ConfigError("adaln eval scores the digits data set only (its classifier is trained on digits)")
         scale, steps, sampler = sampling_options(run.cfg, options)

@@ -29,15 +29,14 @@ from adaln.data.text_digits import (
     template_captions,
 )
 from adaln.diffusion import EDMPrecond, denoising_loss, sample_training_sigmas
-from adaln.engine.config import RunConfig, option
+from adaln.engine.config import option
 from adaln.engine.seeding import Stream, example_generators, generator
 from adaln.errors import ConfigError
 from adaln.models.conditioning import ConditionalDiT, conditional_dit_edm_denoiser
 from adaln.models.dit import EDMTimestep
 from adaln.outputs import check_output_path, save_array, save_grid
 from adaln.tasks._images import (
-    ImageModelConfig,
-    ImageSampleConfig,
+    ImageDiffusionConfig,
     check_image_model,
     count_option,
     generate,
@@ -65,16 +64,11 @@ class TextSection:
 
 
 @dataclass
-class TextDigitsConfig(RunConfig):
+class TextDigitsConfig(ImageDiffusionConfig):
     task: str = "text-digits"
     name: str = "digits-text"
     data: TextData = field(default_factory=TextData)
-    model: ImageModelConfig = field(default_factory=ImageModelConfig)
-    sample: ImageSampleConfig = option(resumable=True, default_factory=ImageSampleConfig)
     text: TextSection = field(default_factory=TextSection)
-    sigma_data: float = option(0.5, gt=0)
-    p_mean: float = -1.2
-    p_std: float = option(1.2, gt=0)
 
 
 class TextDigitsTask(Task):
@@ -139,7 +133,6 @@ class TextDigitsTask(Task):
     # ---- inference ---------------------------------------------------------------------------------
     @classmethod
     def sample(cls, run: TrainedRun, options: dict[str, Any]) -> str:
-        cls.check_options(options, cls.sample_options, "sample")
         prompts = options.get("prompt")
         if not prompts:
             raise ConfigError(f"{run.run_dir} holds a text-conditioned model: give --prompt \"...\" (repeatable)")
@@ -151,7 +144,6 @@ class TextDigitsTask(Task):
     def evaluate(cls, run: TrainedRun, options: dict[str, Any]) -> str:
         import json
 
-        cls.check_options(options, cls.eval_options, "eval")
         return json.dumps(score(run, options), indent=2)
 
 
