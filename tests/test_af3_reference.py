@@ -192,7 +192,6 @@ def atom_encoder(p, name, f, token_atoms_act, trunk_single_cond, trunk_pair_cond
                  num_tokens, token_atoms_uid=None):
     """atom_cross_att_encoder on a flat atom list (per-atom maths as on the dense layout)."""
     n_valid = int(f["atom_mask"].sum())
-    valid = np.arange(padded) < n_valid
 
     def to_queries(arr):  # token_atoms -> queries: real atoms in order, zero padding
         out = np.zeros((padded,) + arr.shape[1:], dtype=arr.dtype)

@@ -231,6 +231,51 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_one(small_
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
+class CountingDigits(DigitsTask):
+    """Digits that count the host syncs (``Tensor.__bool__`` / ``.item()``) its training steps make."""
+
+    syncs: list[int] = []
+
+    def loss(self, net, step, indices, rank):
+        import torch as t
+
+        counts = {"n": 0}
+        originals = t.Tensor.__bool__, t.Tensor.item
+
+        def counting(original):
+            def wrapper(self, *args):
+                counts["n"] += 1
+                return original(self, *args)
+            return wrapper
+
+        t.Tensor.__bool__, t.Tensor.item = counting(originals[0]), counting(originals[1])
+        try:
+            loss = super().loss(net, step, indices, rank)
+            loss.backward(retain_graph=True)
+        finally:
+            t.Tensor.__bool__, t.Tensor.item = originals
+        CountingDigits.syncs.append(counts["n"])
+        return loss
+
+
+def test_a_training_step_does_not_wait_for_the_device(tmp_path):
+    _, cfg = load_config("digits", {**TINY, "steps": 3, "log_every": 3})
+    CountingDigits.syncs = []
+    fit(CountingDigits, cfg, tmp_path, resume=False, progress=False)
+    assert CountingDigits.syncs == [0, 0, 0]  # forward and backward: no value checks inside the loop
+    from adaln.diffusion._utils import as_sigma
+
+    with pytest.raises(ValueError, match="sigma must be finite and >= 0"):  # outside the loop they run
+        as_sigma(torch.tensor([-1.0]), 1, dtype=torch.float32, device=torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_runs_under_bf16_autocast(tmp_path):
+    _, cfg = load_config("digits", {**TINY, "steps": 3, "device": "cuda"})
+    result = fit(DigitsTask, cfg, tmp_path, resume=False, progress=False)
+    assert math.isfinite(result.final_loss)
+
+
 def test_signal_handlers_are_restored_after_training(tmp_path):
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     _, cfg = load_config("digits", {**TINY, "steps": 1})

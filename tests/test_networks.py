@@ -5,7 +5,6 @@ from functools import partial
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from adaln.networks import ClassificationResNet, ResidualNetwork
 from adaln.nn.attention import Attention

@@ -6,8 +6,13 @@ never surfaces as a shape error deep inside a matmul.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
+
+_TRUSTED = False
 
 
 def check_tensor(t: object, name: str, min_dim: int = 1) -> Tensor:
@@ -31,3 +36,21 @@ def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half types (statistics and 1+scale overflow/underflow there), else the dtype itself."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def check_values() -> bool:
+    """Whether to run checks of tensor *values* (ranges, finiteness): each makes the host wait for the
+    device. False while tracing for torch.compile and inside ``trusted_values``."""
+    return not _TRUSTED and not torch.compiler.is_compiling()
+
+
+@contextmanager
+def trusted_values() -> Iterator[None]:
+    """Skip value checks for inputs the caller made itself (the training loop's labels and noise levels),
+    so a training step never waits for the device; shapes, dtypes and devices are still checked."""
+    global _TRUSTED
+    before, _TRUSTED = _TRUSTED, True
+    try:
+        yield
+    finally:
+        _TRUSTED = before

@@ -17,6 +17,8 @@ from torch import Tensor
 
 GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
 
+from adaln.checks import check_values
+
 
 def check_shape(shape: object, name: str = "shape", min_dim: int = 2) -> tuple[int, ...]:
     """``shape`` as a tuple of positive ints with at least ``min_dim`` entries, else a clear error."""
@@ -102,7 +104,7 @@ def as_sigma(sigma: float | Tensor, batch: int, *, dtype: torch.dtype, device: t
             f"sigma must be a float or a (B,) = ({batch},) tensor, got shape {tuple(sigma.shape)}"
         )
     sigma = sigma.to(dtype=dtype, device=device)
-    if not torch.compiler.is_compiling() and not bool(((sigma >= 0) & (sigma < math.inf)).all()):
+    if check_values() and not bool(((sigma >= 0) & (sigma < math.inf)).all()):
         raise ValueError("sigma must be finite and >= 0 everywhere")
     return sigma
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from adaln.checks import check_choice, check_tensor
+from adaln.checks import check_choice, check_tensor, check_values
 
 __all__ = [
     "FourierEmbedding",
@@ -168,7 +168,7 @@ class LabelEmbedding(nn.Module):
             raise ValueError(f"labels must have shape (B,), got {tuple(labels.shape)}")
         high = self.embedding_table.num_embeddings - 1
         # Data-dependent check: a host sync, skipped while tracing for torch.compile (no graph break).
-        if not torch.compiler.is_compiling() and labels.numel() and (labels.min() < 0 or labels.max() > high):
+        if check_values() and labels.numel() and (labels.min() < 0 or labels.max() > high):
             raise ValueError(
                 f"labels must lie in [0, {high}] (num_classes={self.num_classes}"
                 f"{', null class included' if high == self.num_classes else ''}), "
