@@ -1,6 +1,6 @@
 """Conditioning beyond class labels: pooled vectors through AdaLN, token sequences through cross-attention.
 
-Where modern DiTs put their conditions (seed 002):
+Where modern DiTs put their conditions:
 
 - class label: DiT's ``LabelEmbedding``, added to the timestep embedding before AdaLN;
 - pooled vector (``VectorEmbedder``): SD3's ``CombinedTimestepTextProjEmbeddings`` -- the pooled text

@@ -210,7 +210,7 @@ def _one_of(ours: ModuleSpec | None, theirs: ModuleSpec | None, name: str) -> Mo
 class AdaLNZeroResidualBlock(nn.Module):
     """Pre-norm residual block with AdaLN-Zero conditioning; nvSubquadratic ``AdaLNZeroResidualBlock``.
 
-    Forward computation (seed 001)::
+    Forward computation (nvSubquadratic ``residual_block.py``)::
 
         cond = condition_norm(mean(condition over all non-batch, non-channel axes))     # (B, C)
         shift_seq, scale_seq, gate_seq, shift_mlp, scale_mlp, gate_mlp = condition_proj(cond).chunk(6)
