@@ -1,4 +1,8 @@
-"""Classifier-free guidance (Ho & Salimans 2022) as a denoiser wrapper, in one batched call."""
+"""Classifier-free guidance (Ho & Salimans 2022) as a denoiser or velocity wrapper, in one batched call.
+
+Guidance is linear in the prediction, so the same wrapper guides an EDM denoiser ``D(x, sigma)``, an
+epsilon model or a flow velocity ``v(x, sigma)``; ``interval`` is in the sigma the wrapped callable gets.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,9 @@ from torch import Tensor
 
 from adaln.checks import check_tensor, compute_dtype
 from adaln.diffusion._utils import as_sigma, expand_to
+
+
+RENORMS = (None, "rescale", "cap")
 
 
 class ClassifierFreeGuidance:
@@ -27,6 +34,14 @@ class ClassifierFreeGuidance:
     - ``scale`` must be finite (``inf`` would give ``inf * 0 = NaN`` where the two predictions agree).
     - ``scale == 1`` is exactly conditional and makes one plain call of batch ``B``; ``scale == 0`` is
       unconditional. Output in ``x``'s dtype; the combination is computed in float32 (float64).
+    - ``renorm`` (CFG renormalisation of Lumina 2 / Z-Image, applied to the guided prediction ``g`` against
+      the conditional ``c``, norms over ``renorm_dims``, default every non-batch dim):
+      ``"rescale"``: ``g * |c| / |g|`` (diffusers ``Lumina2Pipeline``, ``cfg_normalization=True``, which
+      takes the norm over the last dim: ``renorm_dims=-1``); ``"cap"``: ``g * min(1, renorm_max |c| / |g|)``
+      per sample (diffusers ``ZImagePipeline``, ``cfg_normalization=renorm_max``). Z-Image writes guidance
+      as ``c + s (c - u)``: its ``guidance_scale`` ``s`` is our ``scale - 1``.
+    - Truncation (guidance only on part of the trajectory) is an ``interval``: see
+      :func:`zimage_cfg_interval` and :func:`lumina2_cfg_interval`.
     """
 
     def __init__(
@@ -37,6 +52,9 @@ class ClassifierFreeGuidance:
         null_cond: Mapping[str, object],
         interval: tuple[float, float] | None = None,
         guided_channels: slice | Sequence[int] | None = None,
+        renorm: str | None = None,
+        renorm_max: float = 1.0,
+        renorm_dims: int | Sequence[int] | None = None,
     ):
         if not callable(denoiser):
             raise TypeError(f"denoiser must be callable D(x, sigma, **cond), got {type(denoiser).__name__}")
@@ -56,6 +74,16 @@ class ClassifierFreeGuidance:
             ):
                 raise TypeError(f"guided_channels must be a slice or a list of ints, got {guided_channels!r}")
             guided_channels = list(guided_channels)
+        if renorm not in RENORMS:
+            raise ValueError(f"renorm must be one of {RENORMS}, got {renorm!r}")
+        if not 0 < renorm_max < math.inf:
+            raise ValueError(f"renorm_max must be finite and > 0, got {renorm_max}")
+        if renorm_dims is not None:
+            dims = (renorm_dims,) if isinstance(renorm_dims, int) else tuple(renorm_dims)
+            if not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d != 0 for d in dims):
+                raise ValueError(f"renorm_dims must be non-batch dims (ints other than 0), got {renorm_dims!r}")
+            renorm_dims = dims
+        self.renorm, self.renorm_max, self.renorm_dims = renorm, float(renorm_max), renorm_dims
         self.denoiser = denoiser
         self.scale = float(scale)
         self.null_cond = dict(null_cond)
@@ -103,6 +131,16 @@ class ClassifierFreeGuidance:
                 f"(valid: {-c} to {c - 1})"
             )
 
+    def _renormalise(self, guided: Tensor, d_c: Tensor) -> Tensor:
+        dims = self.renorm_dims or tuple(range(1, guided.dim()))
+        if any(not -guided.dim() <= d < guided.dim() or d % guided.dim() == 0 for d in dims):
+            raise ValueError(f"renorm_dims {dims} must name non-batch dims of the {guided.dim()}-D prediction")
+        norm_c = torch.linalg.vector_norm(d_c, dim=dims, keepdim=True)
+        norm_g = torch.linalg.vector_norm(guided, dim=dims, keepdim=True)
+        if self.renorm == "rescale":
+            return guided * (norm_c / norm_g)
+        return guided * torch.clamp(self.renorm_max * norm_c / norm_g, max=1.0)
+
     def __call__(self, x: Tensor, sigma: float | Tensor, **cond) -> Tensor:
         check_tensor(x, "x", min_dim=2)
         b = x.shape[0]
@@ -120,6 +158,8 @@ class ClassifierFreeGuidance:
             raise ValueError(f"denoiser must return (2B, ...) = {want} on the batched call, got {got}")
         d_c, d_u = out.to(ct).chunk(2)
         guided = d_u + self.scale * (d_c - d_u)
+        if self.renorm is not None:
+            guided = self._renormalise(guided, d_c)
         if self.guided_channels is not None:
             full = d_c.clone()
             full[:, self.guided_channels] = guided[:, self.guided_channels]
@@ -129,3 +169,29 @@ class ClassifierFreeGuidance:
             inside = (sigma_b >= lo) & (sigma_b <= hi)
             guided = torch.where(expand_to(inside, x), guided, d_c)
         return guided.to(x.dtype)
+
+
+def zimage_cfg_interval(cfg_truncation: float) -> tuple[float, float]:
+    """Z-Image's ``cfg_truncation`` (diffusers ``ZImagePipeline``) as a flow-sigma ``interval``: guidance
+    while the model time ``1 - sigma <= cfg_truncation``, i.e. ``sigma >= 1 - cfg_truncation``."""
+    if not 0 <= cfg_truncation <= 1:
+        raise ValueError(f"cfg_truncation must lie in [0, 1] (1: guide every step), got {cfg_truncation}")
+    return (1.0 - float(cfg_truncation), math.inf)
+
+
+def lumina2_cfg_interval(sigmas: Sequence[float] | Tensor, cfg_trunc_ratio: float) -> tuple[float, float]:
+    """Lumina 2's ``cfg_trunc_ratio`` (diffusers ``Lumina2Pipeline``: step ``i`` of ``N`` is guided while
+    ``(i + 1) / N <= cfg_trunc_ratio``) as a sigma ``interval`` over the descending ``sigmas`` the sampler
+    visits (``flow_sigmas(N, ...)``, with or without its final 0)."""
+    levels = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
+    if levels and levels[-1] == 0:
+        levels = levels[:-1]
+    if not levels or any(a <= b for a, b in zip(levels[:-1], levels[1:])):
+        raise ValueError("sigmas must be the sampler's strictly descending levels")
+    if not 0 <= cfg_trunc_ratio < math.inf:
+        raise ValueError(f"cfg_trunc_ratio must be finite and >= 0 (>= 1: guide every step), got {cfg_trunc_ratio}")
+    n = len(levels)
+    guided = [i for i in range(n) if (i + 1) / n <= cfg_trunc_ratio]
+    if not guided:
+        return (math.inf, math.inf)
+    return (levels[guided[-1]], math.inf)

@@ -82,6 +82,18 @@ def _check_loss_mask(mask: Tensor, x0: Tensor) -> Tensor:
     return mask.reshape(*mask.shape, *([1] * (x0.dim() - k)))
 
 
+def masked_sample_mean(err: Tensor, mask: Tensor | None, x0: Tensor) -> Tensor:
+    """Per-sample mean ``(B,)`` of ``err`` (x0's shape) over the elements ``mask`` keeps (see denoising_loss);
+    a sample with none gives 0."""
+    dims = tuple(range(1, x0.dim()))
+    if mask is None:
+        return err.mean(dim=dims)
+    m = _check_loss_mask(mask, x0).to(err.dtype)
+    count = m.expand_as(err).sum(dim=dims)
+    total = (err * m).sum(dim=dims)
+    return torch.where(count > 0, total / count.clamp_min(torch.finfo(err.dtype).tiny), 0.0)
+
+
 def denoising_loss(
     denoiser: Callable[..., Tensor],
     x0: Tensor,
@@ -119,15 +131,7 @@ def denoising_loss(
         raise ValueError(f"noise must be a tensor of x0's shape {tuple(x0.shape)}, got {got}")
     x_noisy = (x0.to(ct) + expand_to(sigma, x0) * noise.to(ct)).to(x0.dtype)
     err = (denoiser(x_noisy, sigma, **cond).to(ct) - x0.to(ct)) ** 2
-    dims = tuple(range(1, x0.dim()))
-    if mask is None:
-        per_sample = err.mean(dim=dims)
-    else:
-        m = _check_loss_mask(mask, x0).to(ct)
-        count = m.expand_as(err).sum(dim=dims)
-        total = (err * m).sum(dim=dims)
-        per_sample = torch.where(count > 0, total / count.clamp_min(torch.finfo(ct).tiny), 0.0)
-    per_sample = weight * per_sample
+    per_sample = weight * masked_sample_mean(err, mask, x0)
     if reduction == "none":
         return per_sample
     return per_sample.mean() if reduction == "mean" else per_sample.sum()

@@ -1,8 +1,9 @@
-"""Samplers over any EDM denoiser ``D(x, sigma, **cond)``: EDM Algorithm 2, AlphaFold3's, and DDIM.
+"""Samplers over any EDM denoiser ``D(x, sigma, **cond)`` (EDM Algorithm 2, DPM-Solver++(2M), AlphaFold3's,
+DDIM) and over any flow velocity ``v(x, sigma, **cond)`` (Euler, Heun, DPM-Solver++(2M)).
 
 Common contract:
 
-- ``denoiser(x, sigma, **cond)`` gets ``x`` ``(B, ...)`` in ``dtype`` and ``sigma`` a ``(B,)`` tensor of
+- ``denoiser(x, sigma, **cond)`` (or ``velocity``) gets ``x`` ``(B, ...)`` in ``dtype`` and ``sigma`` a ``(B,)`` tensor of
   ``dtype``, and returns clean-data predictions of ``x``'s shape; ``**cond`` is passed through unchanged.
 - ``generator``: None, one ``torch.Generator``, or a list with one per sample (sample ``i`` then depends
   only on generator ``i``: the same seed gives the same sample in a batch of 1 or 64, for a per-sample
@@ -35,10 +36,11 @@ from adaln.diffusion._utils import (
     randn,
 )
 from adaln.diffusion.augmentation import check_atom_mask, centre_random_augmentation
+from adaln.diffusion.flow import flow_sigmas
 from adaln.diffusion.schedules import af3_noise_schedule, karras_sigmas, vp_respaced_timesteps, vp_sigmas
 
 Denoiser = Callable[..., Tensor]
-SOLVERS = ("heun", "euler")
+SOLVERS = ("heun", "euler", "dpm++2m")
 
 
 @dataclass
@@ -56,12 +58,14 @@ class SampleResult:
 class _Run:
     """Book-keeping shared by the samplers: denoiser calls, NFE, callback, trajectory."""
 
-    def __init__(self, denoiser: Denoiser, cond: dict, callback, keep_trajectory: bool, dtype: torch.dtype):
+    def __init__(self, denoiser: Denoiser, cond: dict, callback, keep_trajectory: bool, dtype: torch.dtype,
+                 name: str = "denoiser"):
         if not callable(denoiser):
-            raise TypeError(f"denoiser must be callable D(x, sigma, **cond), got {type(denoiser).__name__}")
+            sig = "v(x, sigma, **cond)" if name == "velocity" else "D(x, sigma, **cond)"
+            raise TypeError(f"{name} must be callable {sig}, got {type(denoiser).__name__}")
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable or None")
-        self.denoiser, self.cond, self.callback, self.dtype = denoiser, cond, callback, dtype
+        self.denoiser, self.cond, self.callback, self.dtype, self.name = denoiser, cond, callback, dtype, name
         self.nfe = 0
         self.states: list[Tensor] | None = [] if keep_trajectory else None
 
@@ -71,7 +75,7 @@ class _Run:
         out = self.denoiser(x, s, **self.cond)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"denoiser must return a tensor of x's shape {tuple(x.shape)}, got {got}")
+            raise ValueError(f"{self.name} must return a tensor of x's shape {tuple(x.shape)}, got {got}")
         return out.to(self.dtype)
 
     def record(self, x: Tensor) -> None:
@@ -121,8 +125,8 @@ def sample_edm(
 
     Levels ``karras_sigmas(steps, sigma_min, sigma_max, rho)`` end at 0. Churn
     ``gamma = min(s_churn / steps, sqrt(2) - 1)`` applies where ``s_tmin <= sigma <= s_tmax``.
-    NFE: ``2 * steps - 1`` for Heun, ``steps`` for Euler. Differs from the source only in that noise
-    for churn is drawn only on steps with ``gamma > 0``.
+    NFE: ``2 * steps - 1`` for Heun, ``steps`` for Euler and ``"dpm++2m"`` (:func:`dpmpp_2m_step`, no
+    churn). Differs from the source only in that noise for churn is drawn only on steps with ``gamma > 0``.
     """
     shape = check_shape(shape)
     check_steps(steps)
@@ -139,6 +143,10 @@ def sample_edm(
 
     x = randn(shape, generator, dtype=dtype, device=device) * levels[0]
     run.record(x)
+    if solver == "dpm++2m":
+        if s_churn > 0:
+            raise ValueError("s_churn must be 0 with solver='dpm++2m' (a deterministic multistep solver)")
+        return _dpmpp_2m(run, x, [(1.0, s) for s in levels])
     for i, (t_cur, t_next) in enumerate(zip(levels[:-1], levels[1:])):
         gamma = min(s_churn / steps, math.sqrt(2) - 1) if s_tmin <= t_cur <= s_tmax else 0.0
         t_hat = t_cur + gamma * t_cur
@@ -287,4 +295,112 @@ def sample_ddim(
             x_next = x_next + c * randn(shape, generator, dtype=dtype, device=x.device)
         x = x_next
         run.step_done(i, sigma, sigma_next, x, denoised)
+    return run.result(x)
+
+
+def dpmpp_2m_step(
+    x: Tensor, denoised: Tensor, previous: Tensor | None, level: tuple[float, float], level_next: tuple[float, float],
+    h_previous: float,
+) -> tuple[Tensor, float]:
+    """One DPM-Solver++(2M) step (Lu et al. 2022, Algorithm 2; k-diffusion ``sample_dpmpp_2m``) on any path
+    ``x = alpha x0 + sigma n`` (EDM: alpha 1; flow: alpha ``1 - sigma``). Returns the next state and ``h``.
+
+    ``level`` = (alpha_s, sigma_s), ``lambda = log(alpha / sigma)``, ``h = lambda_t - lambda_s``;
+    ``x_t = (sigma_t / sigma_s) x - alpha_t expm1(-h) D`` with ``D = (1 + 1/(2r)) D_0 - 1/(2r) D_prev``,
+    ``r = h_prev / h`` (first order without a previous prediction or when ``h_prev`` is infinite, i.e.
+    after a step from flow sigma 1). The step to sigma 0 returns ``D_0`` (first order, as k-diffusion and
+    diffusers' ``lower_order_final``).
+    """
+    (a_s, s_s), (a_t, s_t) = level, level_next
+    if s_t == 0:
+        return denoised, math.inf
+    lam = lambda a, s: -math.inf if a == 0 else math.log(a) - math.log(s)  # noqa: E731
+    h = lam(a_t, s_t) - lam(a_s, s_s)
+    d = denoised
+    if previous is not None and math.isfinite(h_previous):
+        half_inv_r = h / (2 * h_previous)
+        d = (1 + half_inv_r) * denoised - half_inv_r * previous
+    return (s_t / s_s) * x - a_t * math.expm1(-h) * d, h
+
+
+def _dpmpp_2m(run: _Run, x: Tensor, levels: list[tuple[float, float]], to_denoised=None,
+              first_order_into_last: bool = False) -> SampleResult:
+    """DPM-Solver++(2M) over ``levels`` (alpha, sigma); ``to_denoised(x, out, sigma)`` turns the model's
+    output into the clean-data prediction (default: the output is one). ``first_order_into_last``: the step
+    onto the last nonzero level is first order too."""
+    previous, h_prev = None, math.inf
+    steps = len(levels) - 1
+    for i, (lv, lv_next) in enumerate(zip(levels[:-1], levels[1:])):
+        out = run.denoise(x, lv[1])
+        denoised = out if to_denoised is None else to_denoised(x, out, lv[1])
+        if first_order_into_last and i == steps - 2:
+            previous = None
+        x, h_prev = dpmpp_2m_step(x, denoised, previous, lv, lv_next, h_prev)
+        previous = denoised
+        run.step_done(i, lv[1], lv_next[1], x, denoised)
+    return run.result(x)
+
+
+FLOW_SOLVERS = ("euler", "heun", "dpm++2m")
+
+
+@torch.no_grad()
+def sample_flow(
+    velocity: Denoiser,
+    shape: tuple[int, ...],
+    *,
+    steps: int = 28,
+    solver: str = "euler",
+    shift: float = 1.0,
+    mu: float | None = None,
+    time_shift: str = "exponential",
+    shift_terminal: float | None = None,
+    sigmas: list[float] | None = None,
+    generator: GeneratorArg = None,
+    callback: Callable[[dict], None] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    return_trajectory: bool = False,
+    **cond,
+) -> SampleResult:
+    """Integrate a flow velocity ``v(x, sigma, **cond)`` (predicting ``noise - data``) from noise to data.
+
+    Levels :func:`adaln.diffusion.flow_sigmas` ``(steps, shift=, mu=, time_shift=, shift_terminal=, sigmas=)``,
+    from 1 to 0; the start is ``randn(shape)`` (one generator: ``torch.randn(shape, generator=g)``).
+
+    - ``"euler"``: ``x += (sigma_next - sigma) v``, diffusers' ``FlowMatchEulerDiscreteScheduler.step``;
+      NFE ``steps``.
+    - ``"heun"``: Euler predictor, trapezoid corrector with ``v`` at the next level, no corrector into
+      sigma 0 (EDM Algorithm 1's rule); NFE ``2 steps - 1``.
+    - ``"dpm++2m"``: :func:`dpmpp_2m_step` on the data prediction ``x - sigma v`` with alpha ``1 - sigma``;
+      NFE ``steps``. The first step (from sigma 1) is DDIM, the second first order too (``h`` of the
+      first is infinite), and so are the last two: the default grid's last nonzero level is ``1 / T``, where
+      ``lambda`` jumps by several times the previous steps' ``h`` and the two-step extrapolation overshoots
+      (Gaussian data, std error at 8 / 16 steps: +0.22 / +0.08 second order, -0.04 / +0.003 first order).
+
+    The callback's ``denoised`` is the data prediction ``x - sigma v`` of that step's first call.
+    """
+    shape = check_shape(shape)
+    check_steps(steps)
+    if solver not in FLOW_SOLVERS:
+        raise ValueError(f"solver must be one of {FLOW_SOLVERS}, got {solver!r}")
+    dtype = _check_dtype(dtype)
+    generator = check_generator(generator, shape[0])
+    levels = flow_sigmas(steps, shift=shift, mu=mu, time_shift=time_shift, shift_terminal=shift_terminal,
+                         sigmas=sigmas).tolist()
+    run = _Run(velocity, cond, callback, return_trajectory, dtype, name="velocity")
+
+    x = randn(shape, generator, dtype=dtype, device=device)
+    run.record(x)
+    if solver == "dpm++2m":
+        return _dpmpp_2m(run, x, [(1.0 - s, s) for s in levels], to_denoised=lambda x, v, s: x - s * v,
+                         first_order_into_last=True)
+    for i, (s_cur, s_next) in enumerate(zip(levels[:-1], levels[1:])):
+        v = run.denoise(x, s_cur)
+        denoised = x - s_cur * v
+        x_next = x + (s_next - s_cur) * v
+        if solver == "heun" and s_next > 0:
+            x_next = x + (s_next - s_cur) * 0.5 * (v + run.denoise(x_next, s_next))
+        x = x_next
+        run.step_done(i, s_cur, s_next, x, denoised)
     return run.result(x)
