@@ -244,7 +244,7 @@ def test_flags_that_do_not_apply_to_the_task_are_errors(tiny_config, tmp_path, c
     expect_error(capsys, "sample", run, "--steps", "0", match="--steps must be >= 1, got 0")
     expect_error(capsys, "sample", run, "--cfg", "inf", match="--cfg must be a finite number >= 0, got inf")
     expect_error(capsys, "sample", run, "--classes", "", match="--classes must name at least one class")
-    expect_error(capsys, "sample", run, "--sampler", "ddpm", match="--sampler must be one of")
+    expect_error(capsys, "sample", run, "--sampler", "ddpm", match="--solver must be one of")
     assert not (run / "grid.png").exists()
 
 

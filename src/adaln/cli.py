@@ -43,8 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-SAMPLE_KEYS = ("n", "classes", "prompt", "component", "cfg", "steps", "sampler", "step_scale", "seed", "output",
-               "limit")
+SAMPLE_KEYS = ("n", "classes", "prompt", "component", "cfg", "steps", "sampler", "shift", "step_scale", "seed",
+               "output", "limit")
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -80,6 +80,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from adaln.engine import fit
     from adaln.outputs import save_grid
     from adaln.tasks import load_run, train_config
+    from adaln.tasks._images import sampling_options
     from adaln.tasks.digits import DigitsTask, format_eval
 
     t0 = time.perf_counter()
@@ -90,10 +91,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = fit(task, cfg, run_dir, resume=resume, progress=not args.quiet)
     t_train = time.perf_counter() - t0
     run = load_run(run_dir, device=args.device)
-    s = run.cfg.sample
-    images, _, _ = DigitsTask.generate(run, list(range(10)), 10, scale=s.cfg, steps=s.steps, sampler=s.sampler)
+    images, _, _ = DigitsTask.generate(run, list(range(10)), 10, sampling_options(run.cfg, {}))
     save_grid(images, 10, run_dir / "grid.png")
-    rows = [DigitsTask.score(run, {"cfg": w}) for w in (1.0, s.cfg)]
+    rows = [DigitsTask.score(run, {"cfg": w}) for w in (1.0, run.cfg.sample.cfg)]
     print(format_eval(rows))
     print(f"train {t_train:.0f} s (to step {result.step}), total {time.perf_counter() - t0:.0f} s; "
           f"grid: {run_dir / 'grid.png'}")
@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--component", help="conformers: a CCD component id such as ATP")
     s.add_argument("--cfg", type=float, help="images: guidance scale (default: the run's sample.cfg)")
     s.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps)")
-    s.add_argument("--sampler", help="images: heun, euler, af3 or ddim (default: the run's)")
+    s.add_argument("--solver", "--sampler", dest="sampler",
+                   help="images: heun, euler, dpm++2m, af3 or ddim (flow runs: the first three; default: the run's)")
+    s.add_argument("--shift", type=float, help="images, flow runs: static shift of the sampling sigmas")
     s.add_argument("--step-scale", type=float, help="conformers: AF3 sampler step scale (default: the run's)")
     s.add_argument("--seed", type=int)
     s.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, help="samples per condition (default: the run's)")
     e.add_argument("--cfg", type=float, help="images: guidance scale")
     e.add_argument("--steps", type=int)
+    e.add_argument("--solver", "--sampler", dest="sampler", help="images: as for adaln sample")
+    e.add_argument("--shift", type=float, help="images, flow runs: static shift of the sampling sigmas")
     e.add_argument("--step-scale", type=float, help="conformers: AF3 sampler step scale")
     e.add_argument("--limit", type=int, help="conformers: test molecules (default: the run's eval_limit)")
     e.add_argument("--seed", type=int)

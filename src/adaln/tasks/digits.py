@@ -1,4 +1,4 @@
-"""Task ``digits``: a class-conditional DiT (or the Hyena residual denoiser) trained with EDM on the
+"""Task ``digits``: a class-conditional DiT (or the Hyena residual denoiser) trained with EDM or flow matching on the
 bundled 8x8 digits or on an image folder (one sub-folder per class); sampled with guidance; scored by
 the digits classifier (conditional accuracy, Frechet distance).
 
@@ -11,26 +11,27 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from adaln.data import load_digits, load_image_folder
-from adaln.diffusion import EDMPrecond, denoising_loss, sample_training_sigmas
 from adaln.engine.config import option
 from adaln.engine.seeding import Stream, example_generators, generator
 from adaln.errors import ConfigError
-from adaln.models.dit import DiT, EDMTimestep, dit_edm_denoiser
+from adaln.models.dit import DiT
 from adaln.models.residual_denoiser import ResidualDenoiser
 from adaln.outputs import check_output_path, save_array, save_grid, write_json
 from adaln.tasks._images import (
     ImageDiffusionConfig,
+    Sampling,
     check_image_model,
+    check_objective,
     count_option,
     generate,
     sampling_options,
+    training_loss,
 )
 from adaln.tasks.base import Task, TrainedRun
 
@@ -54,8 +55,8 @@ class DigitsConfig(ImageDiffusionConfig):
 class DigitsTask(Task):
     name = "digits"
     config = DigitsConfig
-    sample_options = ("classes", "cfg", "sampler")
-    eval_options = ("cfg",)
+    sample_options = ("classes", "cfg", "sampler", "shift")
+    eval_options = ("cfg", "sampler", "shift")
 
     def __init__(self, cfg: DigitsConfig, device: torch.device, *, progress: bool = True):
         super().__init__(cfg, device, progress=progress)
@@ -76,6 +77,7 @@ class DigitsTask(Task):
         if d.name == "image_folder" and not d.root:
             raise ConfigError("data.root must name a folder with one sub-folder per class (--set data.root=PATH)")
         check_image_model(cfg.model, d.image_size)
+        check_objective(cfg)
 
     def info(self) -> dict[str, Any]:
         return {"num_classes": len(self.classes), "classes": list(self.classes),
@@ -84,7 +86,7 @@ class DigitsTask(Task):
     @classmethod
     def model_from(cls, cfg: DigitsConfig, info: dict[str, Any]) -> nn.Module:
         """DiT (``model.mixer`` attention) or the Hyena ``ResidualDenoiser``, without learned-sigma
-        channels (EDM predicts data only)."""
+        channels (the EDM denoiser predicts data, the flow model a velocity)."""
         m = cfg.model
         sizes = dict(
             input_size=cfg.data.image_size, patch_size=m.patch_size, in_channels=int(info["in_channels"]),
@@ -101,16 +103,12 @@ class DigitsTask(Task):
         idx = indices.to(self.device)
         x0, y = self.images[idx], self.labels[idx]
         dropout = generator(cfg.seed, Stream.DROPOUT, rank, step, device=self.device)
-        sigma = sample_training_sigmas(len(x0), "edm", p_mean=cfg.p_mean, p_std=cfg.p_std, generator=gens,
-                                       device=self.device)
-        denoiser = EDMPrecond(net, cfg.sigma_data, noise_input=EDMTimestep())
-        return denoising_loss(partial(denoiser, generator=dropout), x0, sigma, sigma_data=cfg.sigma_data,
-                              generator=gens, y=y)
+        return training_loss(cfg, net, x0, gens, dropout, y=y)
 
     # ---- inference ---------------------------------------------------------------------------------
     @classmethod
-    def generate(cls, run: TrainedRun, classes: list[int], per_class: int, *, scale: float, steps: int,
-                 sampler: str, seed: int = 0, chunk: int = 500) -> tuple[Tensor, Tensor, int]:
+    def generate(cls, run: TrainedRun, classes: list[int], per_class: int, how: Sampling, *, seed: int = 0,
+                 chunk: int = 500) -> tuple[Tensor, Tensor, int]:
         """``per_class`` samples of each class (class-major): images (N, C, H, W) in [-1, 1], labels, NFE."""
         num_classes = int(run.info["num_classes"])
         bad = [c for c in classes if not 0 <= c < num_classes]
@@ -121,9 +119,8 @@ class DigitsTask(Task):
         gens = [generator(seed, Stream.GENERATE, c, k, device=device) for c in classes for k in range(per_class)]
         conds = ({"y": labels[i : i + chunk]} for i in range(0, len(labels), chunk))
         images, nfe = generate(
-            dit_edm_denoiser(model, sigma_data=run.cfg.sigma_data), (model.in_channels, *model.input_size), conds,
-            gens, scale=scale, null_cond={"y": torch.tensor(num_classes, device=device)}, steps=steps,
-            sampler=sampler, sigma_data=run.cfg.sigma_data, chunk=chunk, device=device,
+            model, (model.in_channels, *model.input_size), conds, gens, how=how, cfg=run.cfg,
+            null_cond={"y": torch.tensor(num_classes, device=device)}, chunk=chunk, device=device,
         )
         return images, labels, nfe
 
@@ -131,15 +128,14 @@ class DigitsTask(Task):
     def sample(cls, run: TrainedRun, options: dict[str, Any]) -> str:
         classes = _parse_classes(options.get("classes"), int(run.info["num_classes"]))
         n = count_option(options, 8)
-        scale, steps, sampler = sampling_options(run.cfg, options)
+        how = sampling_options(run.cfg, options)
         out = check_output_path(options.get("output") or run.run_dir / "grid.png")
-        images, _, nfe = cls.generate(run, classes, n, scale=scale, steps=steps, sampler=sampler,
-                                      seed=options.get("seed", 0))
+        images, _, nfe = cls.generate(run, classes, n, how, seed=options.get("seed", 0))
         save_grid(images, len(classes), out)
         save_array(out.with_suffix(".npy"), images)
         weights = "raw" if options.get("no_ema") else "EMA"
-        return (f"wrote {out} and {out.with_suffix('.npy')}: {len(images)} samples, cfg {scale:g}, {nfe} denoiser "
-                f"calls per sample, step {run.step} {weights} weights")
+        return (f"wrote {out} and {out.with_suffix('.npy')}: {len(images)} samples, cfg {how.scale:g}, "
+                f"{how.sampler}, {nfe} model calls per sample, step {run.step} {weights} weights")
 
     @classmethod
     def evaluate(cls, run: TrainedRun, options: dict[str, Any]) -> str:
@@ -152,16 +148,18 @@ class DigitsTask(Task):
 
         if run.cfg.data.name != "digits":
             raise ConfigError("adaln eval scores the digits data set only (its classifier is trained on digits)")
-        scale, steps, sampler = sampling_options(run.cfg, options)
+        how = sampling_options(run.cfg, options)
+        scale = how.scale
         n = count_option(options, run.cfg.sample.per_class)
         t0 = time.perf_counter()
-        images, labels, nfe = cls.generate(run, list(range(int(run.info["num_classes"]))), n, scale=scale,
-                                           steps=steps, sampler=sampler, seed=options.get("seed", 0))
+        images, labels, nfe = cls.generate(run, list(range(int(run.info["num_classes"]))), n, how,
+                                           seed=options.get("seed", 0))
         sample_s = time.perf_counter() - t0
         scorer = DigitsScorer.load_or_fit(run.run_dir / "digits_classifier")
         result = {
             "cfg": scale, "generated": scorer.evaluate_samples(images.cpu(), labels.cpu()),
             "real_heldout": scorer.real_heldout_reference(), "samples": int(len(images)), "nfe": nfe,
+            "objective": run.cfg.objective, "sampler": how.sampler, "steps": how.steps,
             "sampling_seconds": round(sample_s, 2), "step": run.step,
         }
         write_json(run.run_dir / f"eval_cfg{scale:g}.json", result)

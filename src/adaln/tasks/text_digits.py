@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -28,19 +27,20 @@ from adaln.data.text_digits import (
     encode_captions,
     template_captions,
 )
-from adaln.diffusion import EDMPrecond, denoising_loss, sample_training_sigmas
 from adaln.engine.config import option
 from adaln.engine.seeding import Stream, example_generators, generator
 from adaln.errors import ConfigError
-from adaln.models.conditioning import ConditionalDiT, conditional_dit_edm_denoiser
-from adaln.models.dit import EDMTimestep
+from adaln.models.conditioning import ConditionalDiT
 from adaln.outputs import check_output_path, save_array, save_grid
 from adaln.tasks._images import (
     ImageDiffusionConfig,
+    Sampling,
     check_image_model,
+    check_objective,
     count_option,
     generate,
     sampling_options,
+    training_loss,
 )
 from adaln.tasks.base import Task, TrainedRun
 
@@ -74,8 +74,8 @@ class TextDigitsConfig(ImageDiffusionConfig):
 class TextDigitsTask(Task):
     name = "text-digits"
     config = TextDigitsConfig
-    sample_options = ("prompt", "cfg", "sampler")
-    eval_options = ("cfg",)
+    sample_options = ("prompt", "cfg", "sampler", "shift")
+    eval_options = ("cfg", "sampler", "shift")
 
     def __init__(self, cfg: TextDigitsConfig, device: torch.device, *, progress: bool = True,
                  encoder: TextEncoder | None = None):
@@ -96,6 +96,7 @@ class TextDigitsTask(Task):
             raise ConfigError(f"model.mixer must be attention for text-digits (cross-attention needs it), "
                               f"got {cfg.model.mixer!r}")
         check_image_model(cfg.model, 8)
+        check_objective(cfg)
 
     def info(self) -> dict[str, Any]:
         return {"token_dim": self.encoded.dim, "encoder": self.encoder_name}
@@ -123,12 +124,8 @@ class TextDigitsTask(Task):
         # Joint dropout: these examples lose every condition at once (what guidance's D_u sees).
         drop = torch.cat([torch.rand(1, generator=g, device=device) for g in gens]) < cfg.text.joint_dropout
         cond = text_cond(unwrap(net), tokens, mask & ~drop[:, None], torch.where(drop[:, None], 0.0, pooled))
-        sigma = sample_training_sigmas(len(x0), "edm", p_mean=cfg.p_mean, p_std=cfg.p_std, generator=gens,
-                                       device=device)
         dropout = generator(cfg.seed, Stream.DROPOUT, rank, step, device=device)
-        denoiser = EDMPrecond(net, cfg.sigma_data, noise_input=EDMTimestep())  # net may be a DDP wrapper
-        return denoising_loss(partial(denoiser, generator=dropout), x0, sigma, sigma_data=cfg.sigma_data,
-                              generator=gens, **cond)
+        return training_loss(cfg, net, x0, gens, dropout, **cond)
 
     # ---- inference ---------------------------------------------------------------------------------
     @classmethod
@@ -189,8 +186,8 @@ def _encode(run: TrainedRun, captions: list[str], encoder: TextEncoder | None) -
     return encode_captions(captions, encoder=encoder, cache_dir=run.cfg.text.cache_dir)
 
 
-def generate_from_captions(run: TrainedRun, encoded: EncodedCaptions, per_prompt: int, *, scale: float, steps: int,
-                           sampler: str, seed: int = 0, chunk: int = 500) -> Tensor:
+def generate_from_captions(run: TrainedRun, encoded: EncodedCaptions, per_prompt: int, how: Sampling, *,
+                           seed: int = 0, chunk: int = 500) -> Tensor:
     """``per_prompt`` samples of each caption, caption-major: (P * per_prompt, 1, 8, 8) in [-1, 1]; sample
     ``k`` of caption ``p`` from the generation generator (seed, p, k)."""
     model, device = run.model, run.device
@@ -204,9 +201,8 @@ def generate_from_captions(run: TrainedRun, encoded: EncodedCaptions, per_prompt
             yield text_cond(model, tokens.to(device), mask.to(device), pooled.to(device))
 
     images, _ = generate(
-        conditional_dit_edm_denoiser(model, sigma_data=run.cfg.sigma_data), (model.in_channels, *model.input_size),
-        conds(), gens, scale=scale, null_cond=model.null_cond(), steps=steps, sampler=sampler,
-        sigma_data=run.cfg.sigma_data, chunk=chunk, device=device,
+        model, (model.in_channels, *model.input_size), conds(), gens, how=how, cfg=run.cfg,
+        null_cond=model.null_cond(), chunk=chunk, device=device,
     )
     return images
 
@@ -216,9 +212,9 @@ def sample_prompts(run: TrainedRun, prompts: list[str], output: Any, options: di
     """Encode the prompts, sample with guidance, write a PNG grid (one row per prompt) and the .npy."""
     if not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ConfigError("--prompt must be a non-empty text")
-    scale, steps, sampler = sampling_options(run.cfg, options)
-    images = generate_from_captions(run, _encode(run, list(prompts), encoder), count_option(options, 8),
-                                    scale=scale, steps=steps, sampler=sampler, seed=options.get("seed", 0))
+    how = sampling_options(run.cfg, options)
+    images = generate_from_captions(run, _encode(run, list(prompts), encoder), count_option(options, 8), how,
+                                    seed=options.get("seed", 0))
     save_grid(images, len(prompts), output)
     save_array(output.with_suffix(".npy"), images)
     return images
@@ -231,12 +227,12 @@ def score(run: TrainedRun, options: dict[str, Any], *, templates: str = "heldout
     from adaln.eval import DigitsScorer
     from adaln.outputs import write_json
 
-    scale, steps, sampler = sampling_options(run.cfg, options)
+    how = sampling_options(run.cfg, options)
     per_prompt = count_option(options, run.cfg.text.per_prompt)
     captions, labels = template_captions(templates)
     t0 = time.perf_counter()
-    images = generate_from_captions(run, _encode(run, captions, encoder), per_prompt, scale=scale, steps=steps,
-                                    sampler=sampler, seed=options.get("seed", 0))
+    images = generate_from_captions(run, _encode(run, captions, encoder), per_prompt, how,
+                                    seed=options.get("seed", 0))
     sampling_s = time.perf_counter() - t0
     requested = labels.repeat_interleave(per_prompt)
     scorer = DigitsScorer.load_or_fit(run.run_dir / "digits_classifier")
@@ -246,7 +242,8 @@ def score(run: TrainedRun, options: dict[str, Any], *, templates: str = "heldout
     result = {
         **scores,
         "per_template_accuracy": {t: round(float(a), 4) for t, a in zip(names, correct)},
-        "samples": int(len(images)), "sampling_seconds": round(sampling_s, 2), "cfg": scale, "step": run.step,
+        "samples": int(len(images)), "sampling_seconds": round(sampling_s, 2), "cfg": how.scale, "step": run.step,
+        "objective": run.cfg.objective, "sampler": how.sampler, "steps": how.steps,
     }
     write_json(run.run_dir / "eval.json", result)
     return result
