@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import adaln.models as adaln_models
 from adaln.models.mmdit import (
     MMDiT,
     convert_sd3_state_dict,
@@ -268,6 +269,17 @@ def test_flow_interface_matches_sd3_scheduler():
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(7)
     assert torch.allclose(model.flow_timestep(scheduler.sigmas[:-1]), scheduler.timesteps, rtol=1e-6)
+
+
+def test_project_dispatch_and_flow_velocity():
+    dm = _random_sd3("sd3")
+    ours = adaln_models.from_diffusers(dm)
+    assert isinstance(ours, MMDiT) and adaln_models.is_system(ours)
+    x, _, context, pooled = _inputs()
+    sigma = torch.tensor([0.25, 0.75])
+    with torch.no_grad():
+        v = adaln_models.SystemVelocity(ours)(x, sigma, context=context, pooled=pooled)
+    assert _rel_err(v, _theirs(dm, x, 1000 * sigma, context, pooled)) <= 1e-5
 
 
 # ---- inputs ---------------------------------------------------------------------------------------

@@ -352,6 +352,7 @@ class MMDiT(nn.Module):
         *,
         skip_layers: Sequence[int] | None = None,
     ) -> Tensor:
+        """x (B, C, H, W), t (B,) or scalar, context (B, L, context_dim), pooled (B, pooled_dim) -> (B, C_out, H, W)."""
         t, skip = self._check_inputs(x, t, context, pooled, context_mask, guidance, skip_layers)
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         tokens = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)  # (B, N, D)
