@@ -79,9 +79,10 @@ def test_equals_get_1d_rotary_pos_embed_per_axis():
 def test_equals_diffusers_complex_form_lumina_z_image():
     """The complex form (Lumina 2 / Z-Image: view_as_complex on consecutive pairs) is the same rotation."""
     ids = torch.randint(0, 50, (2, 6, 3))  # per-sample positions, as Lumina 2 gathers them
+
     def axis(a: int, d: int) -> torch.Tensor:  # (B, N, d/2) complex, one sample at a time
-        return torch.stack([embeddings.get_1d_rotary_pos_embed(d, p[:, a].double(), theta=256.0, freqs_dtype=torch.float64)
-                            for p in ids])
+        one = embeddings.get_1d_rotary_pos_embed
+        return torch.stack([one(d, p[:, a].double(), theta=256.0, freqs_dtype=torch.float64) for p in ids])
 
     freqs_cis = torch.cat([axis(a, d) for a, d in enumerate(AXES)], dim=-1)
     x = torch.randn(2, 6, 4, sum(AXES))  # (B, S, H, D): the complex form's layout
