@@ -147,6 +147,22 @@ def test_packing_and_ids_are_the_pipelines():
     assert default_axes_dim(128) == (16, 56, 56) and sum(default_axes_dim(16)) == 16
 
 
+def test_through_the_door_as_a_flow_velocity():
+    """adaln.models.from_diffusers dispatches to Flux; SystemVelocity at sigma is diffusers at timestep sigma."""
+    from adaln.models import SystemVelocity
+    from adaln.models import from_diffusers as door
+
+    theirs = diffusers_flux(True)
+    ours = door(theirs)
+    assert isinstance(ours, Flux)
+    args = inputs(True)
+    sigma = args.pop("t")
+    with torch.no_grad():
+        out = SystemVelocity(ours)(args.pop("x"), sigma, **args)
+        expected = diffusers_call(theirs, inputs(True)["x"], sigma, **args)
+    assert rel_err(out, expected) <= 1e-5
+
+
 def test_flow_interface():
     model = Flux(sample_size=8, in_channels=1, hidden_size=32, depth=1, depth_single_blocks=1, num_heads=2,
                  context_dim=8, pooled_dim=8)  # fmt: skip
