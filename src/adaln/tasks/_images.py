@@ -32,6 +32,7 @@ from adaln.diffusion.flow import FLOW_SIGMA_KINDS, FLOW_WEIGHTINGS
 from adaln.engine.config import RunConfig, option
 from adaln.errors import ConfigError
 from adaln.models.dit import EDMTimestep
+from adaln.models.systems import SystemVelocity, is_system
 
 OBJECTIVES = ("edm", "flow")
 SAMPLERS = ("heun", "euler", "dpm++2m", "af3", "ddim")  # EDM; flow takes the first three
@@ -94,20 +95,34 @@ def check_objective(cfg: ImageDiffusionConfig) -> None:
 def training_loss(cfg: ImageDiffusionConfig, net: nn.Module, x0: Tensor, gens: list[torch.Generator],
                   dropout: torch.Generator, **cond: Tensor) -> Tensor:
     """The run's objective on ``x0`` (B, C, H, W): example ``i`` draws its sigma, then its noise, from
-    ``gens[i]``; the network's own dropout draws from ``dropout``. ``net`` may be a DDP wrapper."""
+    ``gens[i]``; the network's own dropout draws from ``dropout``. ``net`` may be a DDP wrapper.
+
+    Our DiTs see ``t = 1000 sigma`` (flow) or EDM's noise input; a converted system (``is_system``:
+    MMDiT, Flux, ...) is trained in its own time convention (``SystemVelocity``) and has no dropout."""
+    if is_system(net):
+        if cfg.objective == "flow":
+            return flow_matching_loss(SystemVelocity(net), x0, _flow_sigmas(cfg, x0, gens),
+                                      weighting=cfg.flow.weighting, generator=gens, **cond)
+        return denoising_loss(EDMPrecond(net, cfg.sigma_data, noise_input=EDMTimestep()), x0,
+                              _edm_sigmas(cfg, x0, gens), sigma_data=cfg.sigma_data, generator=gens, **cond)
     if cfg.objective == "flow":
-        f = cfg.flow
-        sigma = sample_flow_training_sigmas(len(x0), f.sigma_sampling, logit_mean=f.logit_mean,
-                                            logit_std=f.logit_std, mode_scale=f.mode_scale, shift=f.shift,
-                                            generator=gens, device=x0.device)
         velocity = FlowVelocity(net, timestep_scale=FLOW_TIMESTEP_SCALE)
-        return flow_matching_loss(partial(velocity, generator=dropout), x0, sigma, weighting=f.weighting,
-                                  generator=gens, **cond)
-    sigma = sample_training_sigmas(len(x0), "edm", p_mean=cfg.p_mean, p_std=cfg.p_std, generator=gens,
-                                   device=x0.device)
+        return flow_matching_loss(partial(velocity, generator=dropout), x0, _flow_sigmas(cfg, x0, gens),
+                                  weighting=cfg.flow.weighting, generator=gens, **cond)
     denoiser = EDMPrecond(net, cfg.sigma_data, noise_input=EDMTimestep())
-    return denoising_loss(partial(denoiser, generator=dropout), x0, sigma, sigma_data=cfg.sigma_data,
-                          generator=gens, **cond)
+    return denoising_loss(partial(denoiser, generator=dropout), x0, _edm_sigmas(cfg, x0, gens),
+                          sigma_data=cfg.sigma_data, generator=gens, **cond)
+
+
+def _flow_sigmas(cfg: ImageDiffusionConfig, x0: Tensor, gens: list[torch.Generator]) -> Tensor:
+    f = cfg.flow
+    return sample_flow_training_sigmas(len(x0), f.sigma_sampling, logit_mean=f.logit_mean, logit_std=f.logit_std,
+                                       mode_scale=f.mode_scale, shift=f.shift, generator=gens, device=x0.device)
+
+
+def _edm_sigmas(cfg: ImageDiffusionConfig, x0: Tensor, gens: list[torch.Generator]) -> Tensor:
+    return sample_training_sigmas(len(x0), "edm", p_mean=cfg.p_mean, p_std=cfg.p_std, generator=gens,
+                                  device=x0.device)
 
 
 def sampling_model(cfg: ImageDiffusionConfig, model: nn.Module) -> Callable[..., Tensor]:
@@ -115,7 +130,7 @@ def sampling_model(cfg: ImageDiffusionConfig, model: nn.Module) -> Callable[...,
     if getattr(model, "learn_sigma", False):
         raise ValueError("the model must predict C channels (learn_sigma=False)")
     if cfg.objective == "flow":
-        return FlowVelocity(model, timestep_scale=FLOW_TIMESTEP_SCALE)
+        return SystemVelocity(model) if is_system(model) else FlowVelocity(model, timestep_scale=FLOW_TIMESTEP_SCALE)
     return EDMPrecond(model, cfg.sigma_data, noise_input=EDMTimestep())
 
 

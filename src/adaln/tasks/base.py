@@ -57,7 +57,9 @@ class Task:
         raise NotImplementedError
 
     def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
-        return list(model.blocks)
+        """The blocks FSDP2 shards one by one: the members of the model's top-level ModuleLists (DiT's
+        ``blocks``, MMDiT's ``joint_blocks``, Flux's double and single blocks, ...)."""
+        return [block for child in model.children() if isinstance(child, nn.ModuleList) for block in child]
 
     # ---- shared by training and inference ---------------------------------------------------------
     @classmethod

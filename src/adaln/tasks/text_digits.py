@@ -31,9 +31,11 @@ from adaln.engine.config import option
 from adaln.engine.seeding import Stream, example_generators, generator
 from adaln.errors import ConfigError
 from adaln.models.conditioning import ConditionalDiT
+from adaln.models.systems import is_system
 from adaln.outputs import check_output_path, save_array, save_grid
 from adaln.tasks._images import (
     ImageDiffusionConfig,
+    ImageModelConfig,
     Sampling,
     check_image_model,
     check_objective,
@@ -45,6 +47,21 @@ from adaln.tasks._images import (
 from adaln.tasks.base import Task, TrainedRun
 
 VARIANTS = ("pooled", "tokens", "both")
+# model.arch: our ConditionalDiT ("dit", text.variant picks its routes) or a converted system trained from
+# scratch in its own convention; what each system takes of the captions:
+SYSTEM_INPUTS = {
+    "mmdit": ("context", "pooled"),  # SD3: tokens as the context stream, pooled vector added to t
+    "flux": ("context", "pooled"),
+    "lumina2": ("context", "context_mask"),
+    "zimage": ("context", "context_mask"),
+    "pixart": ("context", "context_mask"),
+}
+ARCHS = ("dit", *SYSTEM_INPUTS)
+
+
+@dataclass
+class TextModelConfig(ImageModelConfig):
+    arch: str = option("dit", choices=ARCHS)
 
 
 @dataclass
@@ -67,6 +84,7 @@ class TextSection:
 class TextDigitsConfig(ImageDiffusionConfig):
     task: str = "text-digits"
     name: str = "digits-text"
+    model: TextModelConfig = field(default_factory=TextModelConfig)
     data: TextData = field(default_factory=TextData)
     text: TextSection = field(default_factory=TextSection)
 
@@ -102,8 +120,10 @@ class TextDigitsTask(Task):
         return {"token_dim": self.encoded.dim, "encoder": self.encoder_name}
 
     @classmethod
-    def model_from(cls, cfg: TextDigitsConfig, info: dict[str, Any]) -> ConditionalDiT:
+    def model_from(cls, cfg: TextDigitsConfig, info: dict[str, Any]) -> nn.Module:
         m, t, dim = cfg.model, cfg.text, int(info["token_dim"])
+        if m.arch != "dit":
+            return build_system(m, dim)
         return ConditionalDiT(
             8, m.patch_size, 1, m.hidden_size, m.depth, m.num_heads, m.mlp_ratio,
             vec_dim=dim if t.variant in ("pooled", "both") else None,
@@ -123,7 +143,10 @@ class TextDigitsTask(Task):
                                              self.encoded.tokens.shape[1])
         # Joint dropout: these examples lose every condition at once (what guidance's D_u sees).
         drop = torch.cat([torch.rand(1, generator=g, device=device) for g in gens]) < cfg.text.joint_dropout
-        cond = text_cond(unwrap(net), tokens, mask & ~drop[:, None], torch.where(drop[:, None], 0.0, pooled))
+        if is_system(net):
+            cond = system_cond(cfg.model.arch, *drop_captions(tokens, mask, pooled, drop))
+        else:
+            cond = text_cond(unwrap(net), tokens, mask & ~drop[:, None], torch.where(drop[:, None], 0.0, pooled))
         dropout = generator(cfg.seed, Stream.DROPOUT, rank, step, device=device)
         return training_loss(cfg, net, x0, gens, dropout, **cond)
 
@@ -146,6 +169,62 @@ class TextDigitsTask(Task):
 
 def unwrap(net: nn.Module) -> ConditionalDiT:
     return getattr(net, "module", net)
+
+
+def build_system(m: TextModelConfig, dim: int) -> nn.Module:
+    """A converted system at the preset's small size for 8x8 single-channel digits, context and pooled
+    widths ``dim`` (the text encoder's)."""
+    if m.arch == "mmdit":
+        from adaln.models.mmdit import MMDiT
+
+        return MMDiT(sample_size=8, patch_size=m.patch_size, in_channels=1, hidden_size=m.hidden_size,
+                     depth=m.depth, num_heads=m.num_heads, context_dim=dim, pooled_dim=dim,
+                     pos_embed_max_size=8 // m.patch_size)
+    if m.arch == "flux":
+        from adaln.models.flux import Flux
+
+        double = max(1, m.depth // 3)  # FLUX.1's 19 double : 38 single blocks, at model.depth blocks in all
+        return Flux(sample_size=8, patch_size=m.patch_size, in_channels=1, hidden_size=m.hidden_size, depth=double,
+                    depth_single_blocks=max(1, m.depth - double), num_heads=m.num_heads, context_dim=dim,
+                    pooled_dim=dim, mlp_ratio=m.mlp_ratio)
+    if m.arch == "pixart":
+        from adaln.models.pixart import PixArt
+
+        return PixArt(sample_size=8, patch_size=m.patch_size, in_channels=1, hidden_size=m.hidden_size,
+                      depth=m.depth, num_heads=m.num_heads, context_dim=dim, mlp_ratio=m.mlp_ratio,
+                      learn_sigma=False)
+    raise ConfigError(f"model.arch {m.arch!r} is not available yet")
+
+
+def drop_captions(tokens: Tensor, mask: Tensor, pooled: Tensor, drop: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Dropped rows become the null caption (``null_caption``): zero tokens, only the first one kept,
+    zero pooled vector."""
+    null_tokens, null_mask, null_pooled = null_caption(mask.shape[1], tokens.device)
+    d = drop[:, None]
+    return (torch.where(d[..., None], null_tokens, tokens), torch.where(d, null_mask, mask),
+            torch.where(d, null_pooled, pooled))
+
+
+def null_caption(length: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The systems' null caption, as an empty prompt encodes to one token: zero tokens (L, 1 broadcast),
+    a mask keeping the first position only (so masked attention always has a key), zero pooled vector."""
+    mask = torch.zeros(length, dtype=torch.bool, device=device)
+    mask[0] = True
+    zero = torch.zeros((), device=device)
+    return zero, mask, zero
+
+
+def system_cond(arch: str, tokens: Tensor, mask: Tensor, pooled: Tensor) -> dict[str, Tensor]:
+    """The keyword arguments of a system for encoded captions (``SYSTEM_INPUTS``); systems without a
+    mask see the padding as zero tokens."""
+    full = {"context": tokens * mask[..., None], "pooled": pooled, "context_mask": mask}
+    return {k: full[k] for k in SYSTEM_INPUTS[arch]}
+
+
+def system_null_cond(arch: str, length: int, device: torch.device) -> dict[str, object]:
+    tokens, mask, pooled = null_caption(length, device)
+    return {k: v for k, v in (("context", tokens), ("pooled", pooled), ("context_mask", mask))
+            if k in SYSTEM_INPUTS[arch]}
 
 
 def condition_noise(tokens: Tensor, mask: Tensor, pooled: Tensor, token_std: float, pooled_std: float,
@@ -195,14 +274,23 @@ def generate_from_captions(run: TrainedRun, encoded: EncodedCaptions, per_prompt
     gens = [generator(seed, Stream.GENERATE, p, k, device=device)
             for p in range(len(encoded.captions)) for k in range(per_prompt)]
 
+    system = is_system(model)
+    length = encoded.tokens.shape[1]  # every chunk padded to the longest caption: one null shape
+
     def conds():
         for i in range(0, len(which), chunk):
-            tokens, mask, pooled = encoded.select(which[i : i + chunk])
-            yield text_cond(model, tokens.to(device), mask.to(device), pooled.to(device))
+            idx = which[i : i + chunk]
+            tokens, mask, pooled = encoded.tokens[idx], encoded.mask[idx], encoded.pooled[idx]
+            if system:
+                yield system_cond(run.cfg.model.arch, tokens.to(device), mask.to(device), pooled.to(device))
+            else:
+                tokens, mask, pooled = encoded.select(idx)
+                yield text_cond(model, tokens.to(device), mask.to(device), pooled.to(device))
 
+    null = system_null_cond(run.cfg.model.arch, length, device) if system else model.null_cond()
     images, _ = generate(
-        model, (model.in_channels, *model.input_size), conds(), gens, how=how, cfg=run.cfg,
-        null_cond=model.null_cond(), chunk=chunk, device=device,
+        model, (model.in_channels, 8, 8), conds(), gens, how=how, cfg=run.cfg, null_cond=null, chunk=chunk,
+        device=device,
     )
     return images
 
