@@ -374,6 +374,10 @@ def test_bad_inputs():
         sample_edm(vel, (2, 3), solver="dpm++2m", s_churn=1.0)
     with pytest.raises(ValueError, match="image_seq_len"):
         flow_shift_mu(0)
+    with pytest.raises(ValueError, match="skip_layers must be a non-empty list"):
+        ClassifierFreeGuidance(vel, 2.0, null_cond={"y": 0}, skip_layers=[])
+    with pytest.raises(ValueError, match="renorm must be one of"):
+        ClassifierFreeGuidance(vel, 2.0, null_cond={"y": 0}, renorm="clip")
 
 
 # ----------------------------------------------------------------------------- guidance for flow models
@@ -439,3 +443,39 @@ def test_guided_flow_sampling_in_one_batched_call():
     res = sample_flow(ClassifierFreeGuidance(vel, 2.0, null_cond={"y": 0.0}, interval=(0.5, 1.0)), (3, 2), steps=6,
                       generator=_g(0), y=torch.ones(3))
     assert res.nfe == 6 and calls == [6] * 6
+
+
+def test_skip_layer_guidance_equals_the_sd3_pipeline():
+    """SD3.5's skip-layer guidance on our converted MMDiT against diffusers' pipeline formula on its own
+    transformer, inside and outside the step window."""
+    from diffusers import SD3Transformer2DModel
+
+    from adaln.models import SystemVelocity, from_diffusers
+    from adaln.diffusion import sd3_skip_layer_interval
+
+    torch.manual_seed(0)
+    theirs = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                                   num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
+                                   pooled_projection_dim=6, out_channels=4, pos_embed_max_size=8).eval()
+    for p in theirs.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    ours = from_diffusers(theirs)
+    x, ctx, pooled = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 12), torch.randn(2, 6)
+    neg_ctx, neg_pooled = torch.randn(1, 5, 12), torch.randn(1, 6)
+    w, slg, layers, steps = 5.0, 2.8, [1], 20
+    sigmas = flow_sigmas(steps, shift=3.0)
+    lo, hi = sd3_skip_layer_interval(sigmas)
+    guided = ClassifierFreeGuidance(SystemVelocity(ours), w, null_cond={"context": neg_ctx, "pooled": neg_pooled},
+                                    skip_layers=layers, skip_scale=slg, skip_interval=(lo, hi))
+    for i in (0, 1, 3, 4, 10):
+        sigma = sigmas[i].float()
+        t = (1000 * sigma).expand(2)
+        with torch.no_grad():
+            run = lambda c, p, **k: theirs(x, timestep=t, encoder_hidden_states=c, pooled_projections=p,  # noqa: E731
+                                           return_dict=False, **k)[0]
+            text, uncond = run(ctx, pooled), run(neg_ctx.expand(2, -1, -1), neg_pooled.expand(2, -1))
+            ref = uncond + w * (text - uncond)
+            if i > steps * 0.01 and i < steps * 0.2:
+                ref = ref + (text - run(ctx, pooled, skip_layers=layers)) * slg
+            got = guided(x, sigma.expand(2), context=ctx, pooled=pooled)
+        assert (got - ref).abs().max().item() < 1e-5 * ref.abs().max().item(), i

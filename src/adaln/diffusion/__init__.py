@@ -21,7 +21,12 @@ from adaln.diffusion.flow import (
     sample_flow_training_sigmas,
     shift_sigma,
 )
-from adaln.diffusion.guidance import ClassifierFreeGuidance, lumina2_cfg_interval, zimage_cfg_interval
+from adaln.diffusion.guidance import (
+    ClassifierFreeGuidance,
+    lumina2_cfg_interval,
+    sd3_skip_layer_interval,
+    zimage_cfg_interval,
+)
 from adaln.diffusion.losses import denoising_loss, loss_weight, sample_training_sigmas
 from adaln.diffusion.preconditioning import EDMPrecond, VPEpsDenoiser, edm_scalings
 from adaln.diffusion.samplers import SampleResult, dpmpp_2m_step, sample_af3, sample_ddim, sample_edm, sample_flow
@@ -64,6 +69,7 @@ __all__ = [
     "sample_flow",
     "sample_flow_training_sigmas",
     "sample_training_sigmas",
+    "sd3_skip_layer_interval",
     "shift_sigma",
     "sigma_to_vp_timestep",
     "vp_alphas_cumprod",

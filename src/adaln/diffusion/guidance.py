@@ -42,6 +42,10 @@ class ClassifierFreeGuidance:
       as ``c + s (c - u)``: its ``guidance_scale`` ``s`` is our ``scale - 1``.
     - Truncation (guidance only on part of the trajectory) is an ``interval``: see
       :func:`zimage_cfg_interval` and :func:`lumina2_cfg_interval`.
+    - ``skip_layers`` (SD3.5's skip-layer guidance, diffusers ``StableDiffusion3Pipeline``): where
+      ``skip_interval[0] <= sigma <= skip_interval[1]`` (:func:`sd3_skip_layer_interval`), one more call
+      ``denoiser(x, sigma, **cond, skip_layers=skip_layers)`` gives ``s`` and the result gains
+      ``skip_scale * (D_c - s)``; elsewhere nothing is added and no call is made.
     """
 
     def __init__(
@@ -55,6 +59,9 @@ class ClassifierFreeGuidance:
         renorm: str | None = None,
         renorm_max: float = 1.0,
         renorm_dims: int | Sequence[int] | None = None,
+        skip_layers: Sequence[int] | None = None,
+        skip_scale: float = 2.8,
+        skip_interval: tuple[float, float] = (0.0, math.inf),
     ):
         if not callable(denoiser):
             raise TypeError(f"denoiser must be callable D(x, sigma, **cond), got {type(denoiser).__name__}")
@@ -84,6 +91,16 @@ class ClassifierFreeGuidance:
                 raise ValueError(f"renorm_dims must be non-batch dims (ints other than 0), got {renorm_dims!r}")
             renorm_dims = dims
         self.renorm, self.renorm_max, self.renorm_dims = renorm, float(renorm_max), renorm_dims
+        if skip_layers is not None:
+            skip_layers = list(skip_layers)
+            if not skip_layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in skip_layers):
+                raise ValueError(f"skip_layers must be a non-empty list of block indices, got {skip_layers!r}")
+            if not 0 <= skip_scale < math.inf:
+                raise ValueError(f"skip_scale must be finite and >= 0, got {skip_scale}")
+            if len(skip_interval) != 2 or not skip_interval[0] <= skip_interval[1]:
+                raise ValueError(f"skip_interval must be (lo, hi) with lo <= hi, got {skip_interval!r}")
+        self.skip_layers, self.skip_scale = skip_layers, float(skip_scale)
+        self.skip_interval = (float(skip_interval[0]), float(skip_interval[1]))
         self.denoiser = denoiser
         self.scale = float(scale)
         self.null_cond = dict(null_cond)
@@ -146,11 +163,12 @@ class ClassifierFreeGuidance:
         b = x.shape[0]
         if self.guided_channels is not None:
             self._check_channels(x)
-        if self.scale == 1.0:
-            return self.denoiser(x, sigma, **cond)
         ct = compute_dtype(x.dtype)
         sd = sigma.dtype if isinstance(sigma, Tensor) and sigma.is_floating_point() else ct
         sigma_b = as_sigma(sigma, b, dtype=sd, device=x.device)
+        if self.scale == 1.0:
+            out = self.denoiser(x, sigma, **cond)
+            return out if self.skip_layers is None else self._skip_layer(out.to(ct), out.to(ct), x, sigma_b, cond)
         out = self.denoiser(torch.cat([x, x]), torch.cat([sigma_b, sigma_b]), **self._batched_cond(cond, b))
         if not isinstance(out, Tensor) or out.shape != (2 * b, *x.shape[1:]):
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -168,6 +186,17 @@ class ClassifierFreeGuidance:
             lo, hi = self.interval
             inside = (sigma_b >= lo) & (sigma_b <= hi)
             guided = torch.where(expand_to(inside, x), guided, d_c)
+        if self.skip_layers is not None:
+            return self._skip_layer(guided, d_c, x, sigma_b, cond)
+        return guided.to(x.dtype)
+
+    def _skip_layer(self, guided: Tensor, d_c: Tensor, x: Tensor, sigma_b: Tensor, cond: dict) -> Tensor:
+        """Add ``skip_scale (D_c - D_skip)`` where sigma is inside ``skip_interval`` (one host sync)."""
+        lo, hi = self.skip_interval
+        inside = (sigma_b >= lo) & (sigma_b <= hi)
+        if bool(inside.any()):
+            skipped = self.denoiser(x, sigma_b, **cond, skip_layers=self.skip_layers).to(guided.dtype)
+            guided = guided + expand_to(inside, x) * (self.skip_scale * (d_c - skipped))
         return guided.to(x.dtype)
 
 
@@ -183,11 +212,7 @@ def lumina2_cfg_interval(sigmas: Sequence[float] | Tensor, cfg_trunc_ratio: floa
     """Lumina 2's ``cfg_trunc_ratio`` (diffusers ``Lumina2Pipeline``: step ``i`` of ``N`` is guided while
     ``(i + 1) / N <= cfg_trunc_ratio``) as a sigma ``interval`` over the descending ``sigmas`` the sampler
     visits (``flow_sigmas(N, ...)``, with or without its final 0)."""
-    levels = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
-    if levels and levels[-1] == 0:
-        levels = levels[:-1]
-    if not levels or any(a <= b for a, b in zip(levels[:-1], levels[1:])):
-        raise ValueError("sigmas must be the sampler's strictly descending levels")
+    levels = _descending_levels(sigmas)
     if not 0 <= cfg_trunc_ratio < math.inf:
         raise ValueError(f"cfg_trunc_ratio must be finite and >= 0 (>= 1: guide every step), got {cfg_trunc_ratio}")
     n = len(levels)
@@ -195,3 +220,25 @@ def lumina2_cfg_interval(sigmas: Sequence[float] | Tensor, cfg_trunc_ratio: floa
     if not guided:
         return (math.inf, math.inf)
     return (levels[guided[-1]], math.inf)
+
+
+def sd3_skip_layer_interval(sigmas: Sequence[float] | Tensor, start: float = 0.01, stop: float = 0.2
+                            ) -> tuple[float, float]:
+    """SD3.5's skip-layer window (diffusers ``StableDiffusion3Pipeline``: step ``i`` of ``N`` skips while
+    ``N start < i < N stop``; defaults 0.01 and 0.2) as a sigma ``skip_interval`` over the sampler's
+    descending ``sigmas`` (with or without the final 0)."""
+    levels = _descending_levels(sigmas)
+    n = len(levels)
+    steps = [i for i in range(n) if n * start < i < n * stop]
+    if not steps:
+        return (math.inf, math.inf)
+    return (levels[steps[-1]], levels[steps[0]])
+
+
+def _descending_levels(sigmas: Sequence[float] | Tensor) -> list[float]:
+    levels = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
+    if levels and levels[-1] == 0:
+        levels = levels[:-1]
+    if not levels or any(a <= b for a, b in zip(levels[:-1], levels[1:])):
+        raise ValueError("sigmas must be the sampler's strictly descending levels")
+    return levels
