@@ -1,4 +1,5 @@
-"""adaln.nn: the AdaLN family, embeddings, attention, MLPs and the residual blocks built from them."""
+"""adaln.nn: the AdaLN family, embeddings, rotary position embedding, attention, MLPs and the residual blocks
+built from them."""
 
 from adaln.nn.adaln import (
     AdaLN,
@@ -33,6 +34,7 @@ from adaln.nn.embeddings import (
 )
 from adaln.nn.hyena import Hyena, fft_long_conv
 from adaln.nn.mlp import DropPath, Mlp, SwiGLU
+from adaln.nn.rope import RotaryEmbedding, apply_rope, rope_angles, rope_frequencies
 
 __all__ = [
     "Hyena",
@@ -62,10 +64,14 @@ __all__ = [
     "LabelEmbedding",
     "Mlp",
     "PatchEmbed",
+    "RotaryEmbedding",
     "SwiGLU",
     "TimestepEmbedder",
     "adaln_continuous_from_diffusers",
     "adaln_continuous_to_diffusers",
+    "apply_rope",
     "get_2d_sincos_pos_embed",
+    "rope_angles",
+    "rope_frequencies",
     "timestep_embedding",
 ]
