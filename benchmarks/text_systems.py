@@ -1,0 +1,100 @@
+"""text-digits with every conditioning architecture: our ConditionalDiT and the converted systems (MMDiT,
+Flux, PixArt-alpha, Lumina 2, Z-Image) trained from scratch with the same preset budget, seeds and
+objective, scored on held-out phrasings.
+
+For each ``--archs`` entry: train the ``digits-text`` preset with ``model.arch=ARCH`` and ``--set``
+overrides (default ``objective=flow``) into ``OUT/ARCH`` (reused when finished), evaluate at each
+``--cfgs`` with ``--solver``/``--steps``, count parameters, and time one training step (forward, loss,
+backward, AdamW) of each model in this process on the same batch, as a ratio to the first arch.
+Writes ``OUT/text_systems.md`` and ``OUT/text_systems.json``.
+
+    python benchmarks/text_systems.py --out runs/text_systems [--archs dit mmdit flux pixart lumina2 zimage]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from adaln.engine import fit
+from adaln.engine.checkpoint import list_checkpoints
+from adaln.engine.config import parse_overrides
+from adaln.outputs import write_json, write_text
+from adaln.tasks import load_config, load_run
+from adaln.tasks.text_digits import score
+
+
+def train(run_dir: Path, overrides: dict) -> None:
+    task, cfg = load_config("digits-text", overrides)
+    done = list_checkpoints(run_dir)
+    if done and int(done[-1].name.split("_")[-1]) >= cfg.steps:
+        return
+    fit(task, cfg, run_dir, resume=bool(done), progress=False)
+
+
+def step_seconds(overrides: dict, reps: int) -> float:
+    """Median wall time of one training step (loss, backward, AdamW) at the preset's batch."""
+    task_cls, cfg = load_config("digits-text", overrides)
+    task = task_cls(cfg, torch.device("cpu"), progress=False)
+    model = task.build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times = []
+    for step in range(reps + 1):
+        t0 = time.perf_counter()
+        loss = task.loss(model, step, task.batch(step), 0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[reps // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/text_systems")
+    p.add_argument("--archs", nargs="+", default=["dit", "mmdit", "flux", "pixart", "lumina2", "zimage"])
+    p.add_argument("--set", nargs="*", default=["objective=flow"], metavar="KEY=VALUE")
+    p.add_argument("--cfgs", type=float, nargs="+", default=[1.0, 1.5])
+    p.add_argument("--solver", default="dpm++2m")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--reps", type=int, default=5, help="timed training steps per arch")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    common = parse_overrides(args.set)
+    rows = []
+    for arch in args.archs:
+        ov = {**common, "model.arch": arch}
+        t0 = time.perf_counter()
+        train(out / arch, ov)
+        trained_s = time.perf_counter() - t0
+        run = load_run(out / arch, device="cpu")
+        row = {"arch": arch, "parameters": sum(q.numel() for q in run.model.parameters()),
+               "train_seconds": round(trained_s, 1)}
+        for w in args.cfgs:
+            r = score(run, {"cfg": w, "sampler": args.solver, "steps": args.steps})
+            row[f"accuracy_cfg{w:g}"], row[f"frechet_cfg{w:g}"] = r["conditional_accuracy"], r["frechet_distance"]
+        row["step_seconds"] = step_seconds(ov, args.reps)
+        rows.append(row)
+        print(row, flush=True)
+    base = rows[0]["step_seconds"]
+    head = " | ".join(f"accuracy / Fréchet CFG {w:g}" for w in args.cfgs)
+    lines = [f"| arch | parameters | {head} | train step (ratio to {rows[0]['arch']}) |",
+             "|---|---|" + "---|" * len(args.cfgs) + "---|"]
+    for r in rows:
+        cells = " | ".join(f"{r[f'accuracy_cfg{w:g}']:.3f} / {r[f'frechet_cfg{w:g}']:.2f}" for w in args.cfgs)
+        lines.append(f"| {r['arch']} | {r['parameters']:,} | {cells} | {r['step_seconds'] * 1000:.0f} ms "
+                     f"({r['step_seconds'] / base:.2f}) |")
+    table = "\n".join(lines)
+    note = f"\n\ncommon overrides: {common}; sampler {args.solver}, {args.steps} steps\n"
+    write_text(out / "text_systems.md", table + note)
+    write_json(out / "text_systems.json", {"rows": rows, "overrides": common, "solver": args.solver,
+                                          "steps": args.steps})
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
