@@ -22,7 +22,8 @@ diffusers = pytest.importorskip("diffusers")
 
 # Measured max relative errors (max |ours - theirs| / max |theirs|, outputs of max |y| 7.1-7.5), float32, 8x8 /
 # 6x10 latents: captions of different lengths (3 and 6 of 6 kept) 2.6e-7 / 1.8e-7, both short (2 of 6) 1.9e-7 /
-# 2.2e-7, an empty caption next to a full one 1.9e-7 / 2.6e-7, every token kept 0 (bit-equal). Half precision
+# 2.2e-7, an empty caption next to a full one 1.9e-7 / 2.6e-7, every token kept 0 (bit-equal); width 1040
+# (condition 1024) 2.8e-7. Half precision
 # against diffusers in float32: ours 1.0e-2 (bf16) / 2.2e-3 (fp16), diffusers itself 1.1e-2 / 2.6e-3.
 # 8x8 latents, patch 2, width 32, 4 query / 2 key-value heads of width 8 = RoPE (2, 2, 4), 2 + 2 refiner blocks,
 # SwiGLU width int(0.7 * 128) = 89 rounded up to 96, caption features 12 wide.
@@ -87,6 +88,18 @@ def test_matches_diffusers_float32(masks, hw):
     assert out.shape == theirs.shape == x.shape
     assert theirs.abs().max() > 1.0  # a non-trivial output
     assert _rel_err(out, theirs) <= 1e-5
+
+
+def test_condition_width_is_capped_at_1024():
+    """Width 1040: the timestep embedding, every AdaLN and the final layer read min(D, 1024) = 1024 features."""
+    dm = _random_lumina2(hidden_size=1040, num_attention_heads=8, num_kv_heads=2, axes_dim_rope=(42, 44, 44),
+                         num_layers=1, num_refiner_layers=1)  # fmt: skip
+    ours = from_diffusers(dm)
+    assert ours.cond_dim == 1024 and ours.layers[0].adaLN_modulation.proj[1].weight.shape == (4 * 1040, 1024)
+    x, t, context = _inputs()
+    mask = torch.tensor(MASKS["different_lengths"], dtype=torch.bool)
+    with torch.no_grad():
+        assert _rel_err(ours(x, t, context, context_mask=mask), _theirs(dm, x, t, context, mask)) <= 1e-5
 
 
 def test_mask_none_keeps_every_token_and_padding_never_matters():

@@ -17,8 +17,8 @@ diffusers = pytest.importorskip("diffusers")
 # Measured max relative errors (max |ours - theirs| / max |theirs|, outputs of max |y| 3.5-4.5), float32, 8x8 /
 # 6x10 latents (16 / 15 image tokens, padded with 16 / 17 x_pad_tokens): captions of 7 and 40 tokens (padded
 # to 32 and 64) 4.1e-7 / 3.8e-7, 5 and 32 (one padded, one not) 4.2e-7 / 5.9e-7, an empty caption and 6
-# tokens 3.4e-7 / 4.3e-7, 3 and 3 4.4e-7 / 4.3e-7; without qk norm 5.5e-7. Half precision against diffusers
-# in float32: ours 2.0e-2 (bf16) / 2.0e-3 (fp16), diffusers itself 2.4e-2 / 2.3e-3.
+# tokens 3.4e-7 / 4.3e-7, 3 and 3 4.4e-7 / 4.3e-7; without qk norm 5.5e-7; width 288 (condition 256) 4.5e-7.
+# Half precision against diffusers in float32: ours 2.0e-2 (bf16) / 2.0e-3 (fp16), diffusers itself 2.4e-2 / 2.3e-3.
 # Width 32 (AdaLN condition min(32, 256) = 32), 4 heads of width 8 = RoPE (2, 2, 4), 2 + 2 refiner blocks,
 # SwiGLU width int(32 / 3 * 8) = 85, caption features 12 wide.
 BASE = dict(
@@ -87,6 +87,16 @@ def test_without_qk_norm_matches_diffusers():
     dm = _random_zimage(qk_norm=False)
     ours = from_diffusers(dm)
     assert isinstance(ours.layers[0].attention.q_norm, torch.nn.Identity)
+    x, t, context, mask = _inputs()
+    with torch.no_grad():
+        assert _rel_err(ours(x, t, context, context_mask=mask), _theirs(dm, x, t, context, mask)) <= 1e-5
+
+
+def test_condition_width_is_capped_at_256():
+    """Width 288: the timestep embedding, every AdaLN and the final layer read min(D, 256) = 256 features."""
+    dm = _random_zimage(dim=288, n_heads=4, axes_dims=[24, 24, 24], n_layers=1, n_refiner_layers=1)
+    ours = from_diffusers(dm)
+    assert ours.cond_dim == 256 and ours.layers[0].adaLN_modulation.proj[1].weight.shape == (4 * 288, 256)
     x, t, context, mask = _inputs()
     with torch.no_grad():
         assert _rel_err(ours(x, t, context, context_mask=mask), _theirs(dm, x, t, context, mask)) <= 1e-5
