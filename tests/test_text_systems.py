@@ -12,7 +12,7 @@ from adaln.cli import main
 from adaln.diffusion import ClassifierFreeGuidance
 from adaln.tasks.text_digits import SYSTEM_INPUTS, drop_captions, system_cond, system_null_cond
 
-ARCHS = ["mmdit", "flux", "pixart"]
+ARCHS = ["mmdit", "flux", "pixart", "lumina2", "zimage"]
 
 TINY = """
 task: text-digits

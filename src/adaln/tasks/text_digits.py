@@ -193,7 +193,22 @@ def build_system(m: TextModelConfig, dim: int) -> nn.Module:
         return PixArt(sample_size=8, patch_size=m.patch_size, in_channels=1, hidden_size=m.hidden_size,
                       depth=m.depth, num_heads=m.num_heads, context_dim=dim, mlp_ratio=m.mlp_ratio,
                       learn_sigma=False)
-    raise ConfigError(f"model.arch {m.arch!r} is not available yet")
+    head = m.hidden_size // m.num_heads
+    if head % 2:
+        raise ConfigError(f"model.arch {m.arch} needs an even head width for its RoPE: model.hidden_size / "
+                          f"model.num_heads = {head}")
+    row = 2 * (3 * head // 16)  # RoPE widths (caption, row, column) near Z-Image's 32:48:48, each even
+    axes = (head - 2 * row, row, row)
+    if m.arch == "lumina2":
+        from adaln.models.lumina2 import Lumina2
+
+        return Lumina2(sample_size=8, patch_size=m.patch_size, in_channels=1, hidden_size=m.hidden_size,
+                       depth=m.depth, num_refiner_layers=1, num_heads=m.num_heads,
+                       num_kv_heads=max(1, m.num_heads // 2), context_dim=dim, multiple_of=32, axes_dim=axes)
+    from adaln.models.zimage import ZImage
+
+    return ZImage(patch_size=m.patch_size, in_channels=1, hidden_size=m.hidden_size, depth=m.depth,
+                  num_refiner_layers=1, num_heads=m.num_heads, context_dim=dim, axes_dim=axes)
 
 
 def drop_captions(tokens: Tensor, mask: Tensor, pooled: Tensor, drop: Tensor) -> tuple[Tensor, Tensor, Tensor]:

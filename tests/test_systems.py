@@ -1,0 +1,66 @@
+"""The one door to the converted systems: dispatch by diffusers class, and the velocity wrapper."""
+
+import importlib
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+from torch import nn
+
+from adaln.models import DIFFUSERS_CLASSES, SystemVelocity, from_diffusers
+from adaln.models.dit import DiT
+
+
+def test_dispatch_reaches_the_module_of_each_class():
+    for name, module in DIFFUSERS_CLASSES.items():
+        assert callable(importlib.import_module(module).from_diffusers), name
+
+
+def test_dit_through_the_door_reproduces_diffusers():
+    theirs = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                   num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    for p in theirs.parameters():
+        nn.init.normal_(p, std=0.05)
+    ours = from_diffusers(theirs)
+    assert isinstance(ours, DiT)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.tensor([1, 9])
+    with torch.no_grad():
+        ref = theirs(x, timestep=t, class_labels=y).sample
+        torch.testing.assert_close(ours(x, t, y), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_classes_are_named():
+    with pytest.raises(TypeError, match="from_diffusers converts .*; got Linear"):
+        from_diffusers(nn.Linear(2, 2))
+
+
+class _Reversed(nn.Module):
+    """A toy system in Lumina 2's convention: t = 1 - sigma, output data - noise."""
+
+    velocity_sign = -1.0
+
+    def flow_timestep(self, sigma):
+        return 1 - sigma
+
+    def forward(self, x, t, context=None):
+        self.seen = t
+        return x * 3 + context
+
+
+def test_system_velocity_applies_time_and_sign_and_sees_through_wrappers():
+    model = _Reversed()
+    x, sigma, ctx = torch.randn(2, 1, 4, 4), torch.tensor([0.2, 0.9]), torch.ones(2, 1, 4, 4)
+    out = SystemVelocity(model)(x, sigma, context=ctx)
+    assert torch.equal(out, -(x * 3 + ctx)) and torch.allclose(model.seen, 1 - sigma)
+
+    class Wrapper(nn.Module):  # what DDP looks like from outside
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *a, **k):
+            return self.module(*a, **k)
+
+    assert torch.equal(SystemVelocity(Wrapper(model))(x, sigma, context=ctx), out)
+    with pytest.raises(TypeError, match="not a converted system"):
+        SystemVelocity(nn.Linear(2, 2))
