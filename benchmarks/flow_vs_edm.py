@@ -15,6 +15,8 @@ import argparse
 import time
 from pathlib import Path
 
+import torch
+
 from adaln.engine import fit
 from adaln.engine.checkpoint import list_checkpoints
 from adaln.engine.config import parse_overrides
@@ -50,10 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flow-set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra overrides of the flow run, e.g. flow.shift=2")
     p.add_argument("--shifts", type=float, nargs="+", default=[1.0], help="flow sampling shifts to evaluate")
+    p.add_argument("--threads", type=int, help="torch CPU threads for training and sampling (default torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
 
-    both = parse_overrides(args.set)
+    both = {**parse_overrides(args.set), **({"threads": args.threads} if args.threads else {})}
     runs = {"edm": both, "flow": {**both, "objective": "flow", **parse_overrides(args.flow_set)}}
     seconds = {name: round(train(out / name, ov), 1) for name, ov in runs.items()}
     rows = []

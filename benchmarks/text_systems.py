@@ -61,9 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--solver", default="dpm++2m")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--reps", type=int, default=5, help="timed training steps per arch")
+    p.add_argument("--threads", type=int, help="torch CPU threads for training and sampling (default torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
-    common = parse_overrides(args.set)
+    common = {**parse_overrides(args.set), **({"threads": args.threads} if args.threads else {})}
     rows = []
     for arch in args.archs:
         ov = {**common, "model.arch": arch}
