@@ -283,3 +283,14 @@ def test_config_show_prints_the_resolved_config(capsys):
     out = capsys.readouterr().out
     assert "# task digits" in out and "steps: 7" in out and "p_std: 1.6" in out
     assert run_cli("config", "show") == 0 and "ccd-conformers" in capsys.readouterr().out
+
+
+def test_bench_gpu_is_reachable_and_refuses_a_machine_without_cuda(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the full report would run")
+    assert run_cli("bench", "gpu", "--out", tmp_path / "r") == 2
+    assert "--smoke runs it on CPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli("train", "--bogus")

@@ -1,4 +1,4 @@
-"""The ``adaln`` command: train, sample, eval, demo and config, for every task.
+"""The ``adaln`` command: train, sample, eval, demo, config and bench, for every task.
 
 A user error (unknown preset or key, bad value, missing data, locked or damaged run, full disk) prints
 one line ``adaln: error: ...`` and exits with status 2; ``ADALN_DEBUG=1`` shows the traceback instead.
@@ -100,6 +100,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    """The GPU report (``benchmarks/gpu_report.py``); every argument after ``gpu`` is its own."""
+    from adaln.bench.gpu_report import main as gpu_report
+
+    return gpu_report(args.extra)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from adaln.tasks import load_config
 
@@ -169,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
 
+    b = sub.add_parser("bench", help="benchmarks: adaln bench gpu --out DIR [--smoke] (see adaln bench gpu --help)")
+    b_sub = b.add_subparsers(dest="bench", required=True)
+    g = b_sub.add_parser("gpu", add_help=False, help="check and time every kernel, model and job on one CUDA device")
+    g.set_defaults(func=cmd_bench_gpu, takes_extra=True)
+
     c = sub.add_parser("config", help="print a resolved config: adaln config show PRESET|FILE [--set ...]")
     c_sub = c.add_subparsers(dest="action", required=True)
     show = c_sub.add_parser("show", help="print the resolved config of a preset or file (no argument: list presets)")
@@ -179,7 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return args.func(args)
     except Interrupted as e:
