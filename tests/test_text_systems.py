@@ -73,3 +73,12 @@ def test_a_system_trains_resumes_and_samples_on_text_digits(arch, tmp_path):
                    "--solver", "heun", "--steps", 2, "--cfg", 2, "-o", out) == 0
     arr = np.load(out.with_suffix(".npy"))
     assert arr.shape == (4, 1, 8, 8) and np.isfinite(arr).all()
+
+
+def test_an_odd_head_width_is_refused_before_anything_is_written(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(TINY.format(arch="zimage").replace("hidden_size: 32, depth: 2, num_heads: 2",
+                                                      "hidden_size: 30, depth: 2, num_heads: 2"))
+    assert run_cli("train", "--config", cfg, "--out", tmp_path / "r") == 2
+    assert "needs an even head width for its RoPE: model.hidden_size / model.num_heads = 15" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -57,6 +57,7 @@ SYSTEM_INPUTS = {
     "pixart": ("context", "context_mask"),
 }
 ARCHS = ("dit", *SYSTEM_INPUTS)
+ROPE_ARCHS = ("flux", "lumina2", "zimage")
 
 
 @dataclass
@@ -115,6 +116,10 @@ class TextDigitsTask(Task):
                               f"got {cfg.model.mixer!r}")
         check_image_model(cfg.model, 8)
         check_objective(cfg)
+        head = cfg.model.hidden_size // cfg.model.num_heads
+        if cfg.model.arch in ROPE_ARCHS and head % 2:
+            raise ConfigError(f"model.arch {cfg.model.arch} needs an even head width for its RoPE: "
+                              f"model.hidden_size / model.num_heads = {head}")
 
     def info(self) -> dict[str, Any]:
         return {"token_dim": self.encoded.dim, "encoder": self.encoder_name}
@@ -194,9 +199,6 @@ def build_system(m: TextModelConfig, dim: int) -> nn.Module:
                       depth=m.depth, num_heads=m.num_heads, context_dim=dim, mlp_ratio=m.mlp_ratio,
                       learn_sigma=False)
     head = m.hidden_size // m.num_heads
-    if head % 2:
-        raise ConfigError(f"model.arch {m.arch} needs an even head width for its RoPE: model.hidden_size / "
-                          f"model.num_heads = {head}")
     row = 2 * (3 * head // 16)  # RoPE widths (caption, row, column) near Z-Image's 32:48:48, each even
     axes = (head - 2 * row, row, row)
     if m.arch == "lumina2":
