@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adaln.models._layout import check_layout
 from adaln.models.lumina2 import (
     NextDiTBlock,
     NextDiTFinalLayer,
@@ -53,7 +54,6 @@ from adaln.models.lumina2 import (
     _check_positive_int,
     _image_ids,
     _linear_rows,
-    check_layout,
     compact_captions,
     export_layout,
     import_layout,
