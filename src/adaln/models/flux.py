@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adaln.checks import check_tensor, compute_dtype
+from adaln.models._layout import check_layout, check_state_dict
 from adaln.models.conditioning import VectorEmbedder
 from adaln.nn.adaln import (
     AdaLNContinuous,
@@ -460,7 +461,7 @@ class Flux(nn.Module):
 
     def load_diffusers_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load a ``FluxTransformer2DModel`` state dict; every key and shape is checked before loading."""
-        _check_layout(state_dict, self.to_diffusers_state_dict(), "diffusers FluxTransformer2DModel")
+        check_layout(state_dict, self.to_diffusers_state_dict(), "diffusers FluxTransformer2DModel", target="this Flux")
         self.load_state_dict(_import(state_dict, _diffusers_table(self._structure())))
 
     def to_flux_state_dict(self) -> dict[str, Tensor]:
@@ -470,7 +471,8 @@ class Flux(nn.Module):
     def load_flux_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load an original BFL state dict (a ``model.diffusion_model.`` prefix is accepted); every key
         and shape is checked before loading."""
-        _check_layout(_strip_prefix(state_dict), self.to_flux_state_dict(), "original Flux (black-forest-labs)")
+        sd = _strip_prefix(state_dict)
+        check_layout(sd, self.to_flux_state_dict(), "original Flux (black-forest-labs)", target="this Flux")
         self.load_state_dict(convert_flux_state_dict(state_dict))
 
     def _structure(self) -> tuple[int, int, bool]:
@@ -693,7 +695,7 @@ def _export(sd: Mapping[str, Tensor], table: list[_Row], source: str) -> dict[st
 
 
 def _import(sd: Mapping[str, Tensor], table: list[_Row]) -> dict[str, Tensor]:
-    """The table's layout -> our state dict (keys and shapes already checked by ``_check_layout``)."""
+    """The table's layout -> our state dict (keys and shapes already checked by ``check_layout``)."""
     out: dict[str, Tensor] = {}
     for kind, ours, theirs, suffixes in table:
         for our_suffix, their_suffix in suffixes:
@@ -708,35 +710,11 @@ def _import(sd: Mapping[str, Tensor], table: list[_Row]) -> dict[str, Tensor]:
     return out
 
 
-def _check_mapping(sd: object) -> None:
-    if not isinstance(sd, Mapping):
-        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(sd).__name__}")
-    bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise TypeError(f"state_dict values must be tensors; not tensors: {bad}")
-
-
-def _check_layout(sd: object, expected: Mapping[str, Tensor], source: str) -> None:
-    """One ValueError naming every missing, unexpected and mis-shaped key (in ``source``'s names)."""
-    _check_mapping(sd)
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [
-        f"{k}: got {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
-        for k, v in sd.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
-        problems = [f"{name} ({len(items)}): {items}" for name, items in found if items]
-        raise ValueError(f"{source} state dict does not fit this Flux:\n  " + "\n  ".join(problems))
-
-
 _BFL_PREFIX = "model.diffusion_model."  # single-file checkpoints (and ComfyUI) nest the transformer under it
 
 
 def _strip_prefix(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    _check_mapping(sd)
+    check_state_dict(sd)
     return {k.removeprefix(_BFL_PREFIX): v for k, v in sd.items()}
 
 

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adaln.checks import check_tensor
+from adaln.models._layout import check_layout
 from adaln.models.conditioning import VectorEmbedder
 from adaln.nn.adaln import (
     AdaLNContinuous,
@@ -459,7 +460,7 @@ class MMDiT(nn.Module):
     def load_diffusers_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load an ``SD3Transformer2DModel`` state dict; every key and shape is checked before loading."""
         table = _diffusers_table(self._structure())
-        _check_layout(state_dict, self.to_diffusers_state_dict(), "diffusers SD3Transformer2DModel")
+        check_layout(state_dict, self.to_diffusers_state_dict(), "diffusers SD3Transformer2DModel", target="this MMDiT")
         self.load_state_dict(_import(state_dict, table))
 
     def to_sd3_state_dict(self) -> dict[str, Tensor]:
@@ -468,7 +469,8 @@ class MMDiT(nn.Module):
 
     def load_sd3_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load an original SD3 / SD3.5 state dict (a ``model.diffusion_model.`` prefix is accepted)."""
-        _check_layout(_strip_prefix(state_dict), self.to_sd3_state_dict(), "original SD3 (mmditx.py)")
+        sd = _strip_prefix(state_dict)
+        check_layout(sd, self.to_sd3_state_dict(), "original SD3 (mmditx.py)", target="this MMDiT")
         self.load_state_dict(convert_sd3_state_dict(state_dict))
 
     def _structure(self) -> _Structure:
@@ -700,7 +702,7 @@ def _export(sd: Mapping[str, Tensor], table: list, source: str) -> dict[str, Ten
 
 
 def _import(sd: Mapping[str, Tensor], table: list) -> dict[str, Tensor]:
-    """The table's layout -> our state dict (keys and shapes already checked by ``_check_layout``)."""
+    """The table's layout -> our state dict (keys and shapes already checked by ``check_layout``)."""
     out: dict[str, Tensor] = {}
     for kind, ours, theirs, suffixes in table:
         for suffix in suffixes:
@@ -715,26 +717,6 @@ def _import(sd: Mapping[str, Tensor], table: list) -> dict[str, Tensor]:
             else:
                 out[_key(ours, suffix)] = parts[0]
     return out
-
-
-def _check_layout(sd: object, expected: Mapping[str, Tensor], source: str) -> None:
-    """One ValueError naming every missing, unexpected and mis-shaped key (in ``source``'s names)."""
-    if not isinstance(sd, Mapping):
-        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(sd).__name__}")
-    bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise TypeError(f"state_dict values must be tensors; not tensors: {bad}")
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [
-        f"{k}: got {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
-        for k, v in sd.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
-        problems = [f"{name} ({len(items)}): {items}" for name, items in found if items]
-        raise ValueError(f"{source} state dict does not fit this MMDiT:\n  " + "\n  ".join(problems))
 
 
 _SD3_PREFIX = "model.diffusion_model."  # full SD3 checkpoints (and ComfyUI) nest the MMDiT under it
