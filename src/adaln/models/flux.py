@@ -59,6 +59,7 @@ from adaln.nn.adaln import (
     adaln_continuous_from_diffusers,
     adaln_continuous_to_diffusers,
 )
+from adaln.nn.attention import StreamAttention
 from adaln.nn.embeddings import TimestepEmbedder
 from adaln.nn.mlp import Mlp
 from adaln.nn.rope import RopeFrequencies, RotaryEmbedding, apply_rope
@@ -143,26 +144,6 @@ def rope_attention(q: Tensor, k: Tensor, v: Tensor, freqs: RopeFrequencies, keep
     return out.transpose(1, 2).flatten(2)
 
 
-class StreamAttention(nn.Module):
-    """One stream's projections in the joint attention (BFL ``SelfAttention``): ``qkv`` laid out
-    ``[q; k; v]`` with heads contiguous, per-head weighted RMSNorm ``q_norm`` / ``k_norm`` (eps 1e-6,
-    BFL ``QKNorm``, diffusers ``norm_q``/``norm_k``) and the output ``proj``."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=FLUX_EPS)
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=FLUX_EPS)
-        self.proj = nn.Linear(dim, dim)
-
-    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, N, dim) -> normalised q, k and v, each (B, heads, N, head_dim)."""
-        b, n = x.shape[:2]
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.q_norm(q), self.k_norm(k), v
-
-
 class DoubleStreamBlock(nn.Module):
     """Flux double-stream block (BFL ``DoubleStreamBlock``, diffusers ``FluxTransformerBlock``).
 
@@ -175,10 +156,10 @@ class DoubleStreamBlock(nn.Module):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.img_mod = AdaLNZero(dim, dim, branches=2, eps=FLUX_EPS)
-        self.img_attn = StreamAttention(dim, num_heads)
+        self.img_attn = StreamAttention(dim, num_heads, qk_norm="rms")  # RMSNorm eps 1e-6 = FLUX_EPS
         self.img_mlp = Mlp(dim, hidden, act="gelu_tanh")
         self.txt_mod = AdaLNZero(dim, dim, branches=2, eps=FLUX_EPS)
-        self.txt_attn = StreamAttention(dim, num_heads)
+        self.txt_attn = StreamAttention(dim, num_heads, qk_norm="rms")
         self.txt_mlp = Mlp(dim, hidden, act="gelu_tanh")
 
     def forward(

@@ -55,7 +55,7 @@ from adaln.nn.adaln import (
     adaln_continuous_from_diffusers,
     adaln_continuous_to_diffusers,
 )
-from adaln.nn.attention import QK_NORMS, Attention, _qk_norm
+from adaln.nn.attention import QK_NORMS, Attention, StreamAttention
 from adaln.nn.embeddings import PatchEmbed, TimestepEmbedder
 from adaln.nn.mlp import Mlp
 
@@ -106,27 +106,6 @@ def sd3_pos_embed(embed_dim: int, max_size: int, base_size: int) -> Tensor:
 #################################################################################
 #                               Joint transformer block                         #
 #################################################################################
-
-
-class StreamAttention(nn.Module):
-    """One stream's share of the joint attention: ``qkv`` (layout ``[q; k; v]``, heads contiguous, as
-    Stability's ``SelfAttention`` and our ``Attention``), per-head ``q_norm`` / ``k_norm`` and the output
-    ``proj`` (None for a pre-only stream). x (B, N, dim) -> q, k, v (B, heads, N, head_dim)."""
-
-    def __init__(self, dim: int, num_heads: int, *, qk_norm: str | None, pre_only: bool = False) -> None:
-        super().__init__()
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = _qk_norm(qk_norm, self.head_dim)
-        self.k_norm = _qk_norm(qk_norm, self.head_dim)
-        self.proj = None if pre_only else nn.Linear(dim, dim)
-
-    def heads(self, x: Tensor, *, queries: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
-        """(q, k, v), each (B, heads, N, head_dim); q is None when ``queries`` is False."""
-        b, n = x.shape[:2]
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        return (self.q_norm(q) if queries else None), self.k_norm(k), v
 
 
 def joint_attention(
