@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaln.checks import check_tensor, compute_dtype
+from adaln.checks import check_int, check_tensor, compute_dtype
 from adaln.models._layout import check_layout, check_state_dict
 from adaln.models.conditioning import VectorEmbedder
 from adaln.nn.adaln import (
@@ -260,9 +260,9 @@ class Flux(nn.Module):
         sizes = dict(patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size, num_heads=num_heads,
                      context_dim=context_dim, pooled_dim=pooled_dim)  # fmt: skip
         for name, v in sizes.items():
-            _check_int(v, name, 1)
-        _check_int(depth, "depth", 0)
-        _check_int(depth_single_blocks, "depth_single_blocks", 0)
+            check_int(v, name)
+        check_int(depth, "depth", minimum=0)
+        check_int(depth_single_blocks, "depth_single_blocks", minimum=0)
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         head_dim = hidden_size // num_heads
@@ -273,7 +273,7 @@ class Flux(nn.Module):
             raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio!r}")
         self.input_size = None if sample_size is None else _pair(sample_size, patch_size)
         self.patch_size, self.in_channels = patch_size, in_channels
-        self.out_channels = in_channels if out_channels is None else _check_int(out_channels, "out_channels", 1)
+        self.out_channels = in_channels if out_channels is None else check_int(out_channels, "out_channels")
         self.hidden_size, self.depth, self.depth_single_blocks = hidden_size, depth, depth_single_blocks
         self.num_heads, self.context_dim, self.pooled_dim = num_heads, context_dim, pooled_dim
         self.guidance_embeds, self.mlp_ratio = bool(guidance_embeds), float(mlp_ratio)
@@ -458,12 +458,6 @@ class Flux(nn.Module):
 
     def _structure(self) -> tuple[int, int, bool]:
         return self.depth, self.depth_single_blocks, self.guidance_embeds
-
-
-def _check_int(v: object, name: str, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-    return v
 
 
 def _pair(size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:

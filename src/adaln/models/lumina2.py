@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaln.checks import check_tensor
+from adaln.checks import check_int, check_tensor
 from adaln.models._layout import check_layout, rename_key
 from adaln.nn.adaln import AdaLN, AdaLNZero
 from adaln.nn.embeddings import TimestepEmbedder
@@ -308,8 +308,8 @@ class Lumina2(nn.Module):
         for name, v in (("sample_size", sample_size), ("patch_size", patch_size), ("in_channels", in_channels),
                         ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads),
                         ("context_dim", context_dim), ("multiple_of", multiple_of)):  # fmt: skip
-            _check_positive_int(v, name)
-        _check_positive_int(num_refiner_layers, "num_refiner_layers", minimum=0)
+            check_int(v, name)
+        check_int(num_refiner_layers, "num_refiner_layers", minimum=0)
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         axes_dim, axes_lens = tuple(axes_dim), tuple(axes_lens)
@@ -321,7 +321,7 @@ class Lumina2(nn.Module):
         if not norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {norm_eps!r}")
         self.sample_size, self.patch_size, self.in_channels = sample_size, patch_size, in_channels
-        self.out_channels = in_channels if out_channels is None else _check_positive_int(out_channels, "out_channels")
+        self.out_channels = in_channels if out_channels is None else check_int(out_channels, "out_channels")
         self.hidden_size, self.depth, self.num_refiner_layers = hidden_size, depth, num_refiner_layers
         self.num_heads = num_heads
         self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -498,12 +498,6 @@ class Lumina2(nn.Module):
         rows += _linear_rows("final_layer.adaLN_modulation.proj.1", "norm_out.linear_1")
         rows += _linear_rows("final_layer.linear", "norm_out.linear_2")
         return rows
-
-
-def _check_positive_int(v: object, name: str, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-    return v
 
 
 #################################################################################

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaln.checks import check_tensor
+from adaln.checks import check_int, check_tensor
 from adaln.models._layout import check_layout
 from adaln.models.conditioning import VectorEmbedder
 from adaln.nn.adaln import (
@@ -248,7 +248,7 @@ class MMDiT(nn.Module):
                         ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads),
                         ("context_dim", context_dim), ("pooled_dim", pooled_dim),
                         ("pos_embed_max_size", pos_embed_max_size)):  # fmt: skip
-            _check_positive_int(v, name)
+            check_int(v, name)
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         if qk_norm not in QK_NORMS:
@@ -265,7 +265,7 @@ class MMDiT(nn.Module):
                 f"sample_size // patch_size = {base} must be in [1, pos_embed_max_size={pos_embed_max_size}]"
             )
         self.sample_size, self.patch_size, self.in_channels = sample_size, patch_size, in_channels
-        self.out_channels = in_channels if out_channels is None else _check_positive_int(out_channels, "out_channels")
+        self.out_channels = in_channels if out_channels is None else check_int(out_channels, "out_channels")
         self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
         self.context_dim, self.pooled_dim, self.pos_embed_max_size = context_dim, pooled_dim, pos_embed_max_size
         self.qk_norm, self.dual_attention_layers = qk_norm, dual
@@ -454,12 +454,6 @@ class MMDiT(nn.Module):
 
     def _structure(self) -> _Structure:
         return _Structure(self.depth, self.dual_attention_layers, self.qk_norm)
-
-
-def _check_positive_int(v: object, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
 
 
 #################################################################################

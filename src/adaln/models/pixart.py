@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adaln.checks import check_tensor, compute_dtype
+from adaln.checks import check_int, check_tensor, compute_dtype
 from adaln.diffusion import VPEpsDenoiser
 from adaln.functional import gate_residual, norm_modulate
 from adaln.models._layout import check_layout, check_state_dict, rename_key
@@ -228,8 +228,7 @@ class PixArt(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("sample_size", sample_size), ("patch_size", patch_size), ("depth", depth)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(value, name)
         if sample_size % patch_size:
             raise ValueError(f"sample_size ({sample_size}) must be divisible by patch_size ({patch_size})")
         if hidden_size % 4:
