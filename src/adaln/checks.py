@@ -26,6 +26,13 @@ def check_tensor(t: object, name: str, min_dim: int = 1) -> Tensor:
     return t
 
 
+def check_int(value: object, name: str, minimum: int = 1) -> int:
+    """``value`` when it is an int (not a bool) >= ``minimum``, else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
 def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
     """``value`` when it is one of ``choices``, else ``ValueError`` naming ``name``."""
     if value not in choices:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from os import PathLike
 from typing import Any
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from adaln.checks import check_values
 from adaln.diffusion import EDMPrecond, VPEpsDenoiser
+from adaln.models._layout import check_layout, check_state_dict
 from adaln.nn.adaln import AdaLNZero
 from adaln.nn.blocks import AdaLNZeroResidualBlock, DiTBlock, FinalLayer
 from adaln.nn.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
@@ -325,7 +326,7 @@ class DiT(DiTBase):
         ours = cls(**dit_kwargs_from_diffusers(config)).to(weight.dtype)
         converted = convert_from_diffusers(model.state_dict(), config=config)
         converted["pos_embed"] = ours.pos_embed
-        _check_state_dict(ours, converted, "diffusers DiTTransformer2DModel", lambda k: k)
+        _check_state_dict(ours, converted, "diffusers DiTTransformer2DModel")
         ours.load_state_dict(converted)
         return ours.to(weight.device).train(model.training)
 
@@ -374,7 +375,7 @@ class DiT(DiTBase):
         """
         converted = convert_from_diffusers(state_dict, null_class=self.class_dropout_prob > 0)
         converted.setdefault("pos_embed", self.pos_embed)
-        _check_state_dict(self, converted, "diffusers DiTTransformer2DModel", lambda k: k)
+        _check_state_dict(self, converted, "diffusers DiTTransformer2DModel")
         self.load_state_dict(converted)
 
 
@@ -461,7 +462,7 @@ def convert_facebookresearch_state_dict(state_dict: Mapping[str, Tensor]) -> dic
     ``pos_embed``, ``blocks.N.attn.qkv/proj``, ``blocks.N.mlp.fc1/fc2``, ``final_layer.linear``) is
     shared; tensors are not copied.
     """
-    _check_mapping(state_dict)
+    check_state_dict(state_dict)
     return {_fb_to_ours_key(k): v for k, v in state_dict.items()}
 
 
@@ -483,16 +484,8 @@ def load_facebookresearch_checkpoint(
         obj = obj["ema"]
     elif "model" in obj:
         obj = obj["model"]
-    _check_mapping(obj)
+    check_state_dict(obj)
     return dict(obj)
-
-
-def _check_mapping(state_dict: object) -> None:
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
-    bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise TypeError(f"state_dict values must be tensors; not tensors: {bad}")
 
 
 def _summary(sd: Mapping[str, Tensor]) -> str:
@@ -511,23 +504,11 @@ def _summary(sd: Mapping[str, Tensor]) -> str:
     return ", ".join(parts)
 
 
-def _check_state_dict(model: DiT, sd: Mapping[str, Tensor], source: str, rename) -> None:
-    """Raise one ValueError naming every missing, unexpected and mis-shaped key (names via ``rename``)."""
-    expected = model.state_dict()
-    missing = [rename(k) for k in expected if k not in sd]
-    unexpected = [rename(k) for k in sd if k not in expected]
-    shapes = [
-        f"{rename(k)}: got {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
-        for k, v in sd.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
-        problems = [f"{name} ({len(items)}): {items}" for name, items in found if items]
-        raise ValueError(
-            f"{source} state dict does not fit this DiT.\n  state dict: {_summary(sd)}\n  model:      "
-            f"{_summary(expected)}\n  " + "\n  ".join(problems)
-        )
+def _check_state_dict(
+    model: DiT, sd: Mapping[str, Tensor], source: str, rename: Callable[[str], str] | None = None
+) -> None:
+    """One ValueError naming every missing, unexpected and mis-shaped key (names via ``rename``) and both sizes."""
+    check_layout(sd, model.state_dict(), source, target="this DiT", rename=rename, summary=_summary)
 
 
 #################################################################################
@@ -676,7 +657,7 @@ class _Reader:
     """Takes tensors out of a state dict by name, remembering which names were missing or unused."""
 
     def __init__(self, sd: Mapping[str, Tensor]) -> None:
-        _check_mapping(sd)
+        check_state_dict(sd)
         self.sd, self.used, self.missing = sd, set(), []
 
     def __call__(self, key: str) -> Tensor | None:
@@ -754,23 +735,11 @@ def convert_from_diffusers(
     then be equal (they are in every converted fb checkpoint); ``null_class=False`` drops the table's
     null row (for ``class_dropout_prob=0``).
     """
-    _check_mapping(state_dict)
+    check_state_dict(state_dict)
     sizes = _DiffusersSizes.from_state_dict(state_dict) if config is None else _DiffusersSizes.from_config(config)
     expected = sizes.shapes()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [
-        f"{k}: got {tuple(v.shape)}, expected {expected[k]}"
-        for k, v in state_dict.items()
-        if k in expected and tuple(v.shape) != expected[k]
-    ]
-    if missing or unexpected or shapes:
-        found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
-        problems = [f"{name} ({len(items)}): {items}" for name, items in found if items]
-        basis = "the config" if config is not None else "the sizes its patch conv, proj_out_2 and label table imply"
-        raise ValueError(
-            f"diffusers DiTTransformer2DModel state dict does not fit {basis} ({sizes}):\n  " + "\n  ".join(problems)
-        )
+    basis = "the config" if config is not None else "the sizes its patch conv, proj_out_2 and label table imply"
+    check_layout(state_dict, expected, "diffusers DiTTransformer2DModel", target=f"{basis} ({sizes})")
     shared = [f"{theirs}.{p}" for _, theirs in _EMB_PAIRS for p in _PARAMS] + [_DIFFUSERS_TABLE]
     differing = [
         f"transformer_blocks.{i}.{key}"

@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaln.checks import check_tensor, compute_dtype
+from adaln.checks import check_int, check_tensor, compute_dtype
+from adaln.models._layout import check_layout, check_state_dict
 from adaln.models.conditioning import VectorEmbedder
 from adaln.nn.adaln import (
     AdaLNContinuous,
@@ -58,6 +59,7 @@ from adaln.nn.adaln import (
     adaln_continuous_from_diffusers,
     adaln_continuous_to_diffusers,
 )
+from adaln.nn.attention import StreamAttention
 from adaln.nn.embeddings import TimestepEmbedder
 from adaln.nn.mlp import Mlp
 from adaln.nn.rope import RopeFrequencies, RotaryEmbedding, apply_rope
@@ -142,26 +144,6 @@ def rope_attention(q: Tensor, k: Tensor, v: Tensor, freqs: RopeFrequencies, keep
     return out.transpose(1, 2).flatten(2)
 
 
-class StreamAttention(nn.Module):
-    """One stream's projections in the joint attention (BFL ``SelfAttention``): ``qkv`` laid out
-    ``[q; k; v]`` with heads contiguous, per-head weighted RMSNorm ``q_norm`` / ``k_norm`` (eps 1e-6,
-    BFL ``QKNorm``, diffusers ``norm_q``/``norm_k``) and the output ``proj``."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=FLUX_EPS)
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=FLUX_EPS)
-        self.proj = nn.Linear(dim, dim)
-
-    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, N, dim) -> normalised q, k and v, each (B, heads, N, head_dim)."""
-        b, n = x.shape[:2]
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.q_norm(q), self.k_norm(k), v
-
-
 class DoubleStreamBlock(nn.Module):
     """Flux double-stream block (BFL ``DoubleStreamBlock``, diffusers ``FluxTransformerBlock``).
 
@@ -174,10 +156,10 @@ class DoubleStreamBlock(nn.Module):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.img_mod = AdaLNZero(dim, dim, branches=2, eps=FLUX_EPS)
-        self.img_attn = StreamAttention(dim, num_heads)
+        self.img_attn = StreamAttention(dim, num_heads, qk_norm="rms")  # RMSNorm eps 1e-6 = FLUX_EPS
         self.img_mlp = Mlp(dim, hidden, act="gelu_tanh")
         self.txt_mod = AdaLNZero(dim, dim, branches=2, eps=FLUX_EPS)
-        self.txt_attn = StreamAttention(dim, num_heads)
+        self.txt_attn = StreamAttention(dim, num_heads, qk_norm="rms")
         self.txt_mlp = Mlp(dim, hidden, act="gelu_tanh")
 
     def forward(
@@ -278,9 +260,9 @@ class Flux(nn.Module):
         sizes = dict(patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size, num_heads=num_heads,
                      context_dim=context_dim, pooled_dim=pooled_dim)  # fmt: skip
         for name, v in sizes.items():
-            _check_int(v, name, 1)
-        _check_int(depth, "depth", 0)
-        _check_int(depth_single_blocks, "depth_single_blocks", 0)
+            check_int(v, name)
+        check_int(depth, "depth", minimum=0)
+        check_int(depth_single_blocks, "depth_single_blocks", minimum=0)
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         head_dim = hidden_size // num_heads
@@ -291,7 +273,7 @@ class Flux(nn.Module):
             raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio!r}")
         self.input_size = None if sample_size is None else _pair(sample_size, patch_size)
         self.patch_size, self.in_channels = patch_size, in_channels
-        self.out_channels = in_channels if out_channels is None else _check_int(out_channels, "out_channels", 1)
+        self.out_channels = in_channels if out_channels is None else check_int(out_channels, "out_channels")
         self.hidden_size, self.depth, self.depth_single_blocks = hidden_size, depth, depth_single_blocks
         self.num_heads, self.context_dim, self.pooled_dim = num_heads, context_dim, pooled_dim
         self.guidance_embeds, self.mlp_ratio = bool(guidance_embeds), float(mlp_ratio)
@@ -460,7 +442,7 @@ class Flux(nn.Module):
 
     def load_diffusers_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load a ``FluxTransformer2DModel`` state dict; every key and shape is checked before loading."""
-        _check_layout(state_dict, self.to_diffusers_state_dict(), "diffusers FluxTransformer2DModel")
+        check_layout(state_dict, self.to_diffusers_state_dict(), "diffusers FluxTransformer2DModel", target="this Flux")
         self.load_state_dict(_import(state_dict, _diffusers_table(self._structure())))
 
     def to_flux_state_dict(self) -> dict[str, Tensor]:
@@ -470,17 +452,12 @@ class Flux(nn.Module):
     def load_flux_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load an original BFL state dict (a ``model.diffusion_model.`` prefix is accepted); every key
         and shape is checked before loading."""
-        _check_layout(_strip_prefix(state_dict), self.to_flux_state_dict(), "original Flux (black-forest-labs)")
+        sd = _strip_prefix(state_dict)
+        check_layout(sd, self.to_flux_state_dict(), "original Flux (black-forest-labs)", target="this Flux")
         self.load_state_dict(convert_flux_state_dict(state_dict))
 
     def _structure(self) -> tuple[int, int, bool]:
         return self.depth, self.depth_single_blocks, self.guidance_embeds
-
-
-def _check_int(v: object, name: str, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-    return v
 
 
 def _pair(size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:
@@ -693,7 +670,7 @@ def _export(sd: Mapping[str, Tensor], table: list[_Row], source: str) -> dict[st
 
 
 def _import(sd: Mapping[str, Tensor], table: list[_Row]) -> dict[str, Tensor]:
-    """The table's layout -> our state dict (keys and shapes already checked by ``_check_layout``)."""
+    """The table's layout -> our state dict (keys and shapes already checked by ``check_layout``)."""
     out: dict[str, Tensor] = {}
     for kind, ours, theirs, suffixes in table:
         for our_suffix, their_suffix in suffixes:
@@ -708,35 +685,11 @@ def _import(sd: Mapping[str, Tensor], table: list[_Row]) -> dict[str, Tensor]:
     return out
 
 
-def _check_mapping(sd: object) -> None:
-    if not isinstance(sd, Mapping):
-        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(sd).__name__}")
-    bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise TypeError(f"state_dict values must be tensors; not tensors: {bad}")
-
-
-def _check_layout(sd: object, expected: Mapping[str, Tensor], source: str) -> None:
-    """One ValueError naming every missing, unexpected and mis-shaped key (in ``source``'s names)."""
-    _check_mapping(sd)
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [
-        f"{k}: got {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
-        for k, v in sd.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
-        problems = [f"{name} ({len(items)}): {items}" for name, items in found if items]
-        raise ValueError(f"{source} state dict does not fit this Flux:\n  " + "\n  ".join(problems))
-
-
 _BFL_PREFIX = "model.diffusion_model."  # single-file checkpoints (and ComfyUI) nest the transformer under it
 
 
 def _strip_prefix(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    _check_mapping(sd)
+    check_state_dict(sd)
     return {k.removeprefix(_BFL_PREFIX): v for k, v in sd.items()}
 
 

@@ -50,13 +50,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaln.checks import check_tensor
+from adaln.checks import check_int, check_tensor
+from adaln.models._layout import check_layout, rename_key
 from adaln.nn.adaln import AdaLN, AdaLNZero
 from adaln.nn.embeddings import TimestepEmbedder
 from adaln.nn.mlp import SwiGLU
@@ -306,8 +308,8 @@ class Lumina2(nn.Module):
         for name, v in (("sample_size", sample_size), ("patch_size", patch_size), ("in_channels", in_channels),
                         ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads),
                         ("context_dim", context_dim), ("multiple_of", multiple_of)):  # fmt: skip
-            _check_positive_int(v, name)
-        _check_positive_int(num_refiner_layers, "num_refiner_layers", minimum=0)
+            check_int(v, name)
+        check_int(num_refiner_layers, "num_refiner_layers", minimum=0)
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         axes_dim, axes_lens = tuple(axes_dim), tuple(axes_lens)
@@ -319,7 +321,7 @@ class Lumina2(nn.Module):
         if not norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {norm_eps!r}")
         self.sample_size, self.patch_size, self.in_channels = sample_size, patch_size, in_channels
-        self.out_channels = in_channels if out_channels is None else _check_positive_int(out_channels, "out_channels")
+        self.out_channels = in_channels if out_channels is None else check_int(out_channels, "out_channels")
         self.hidden_size, self.depth, self.num_refiner_layers = hidden_size, depth, num_refiner_layers
         self.num_heads = num_heads
         self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -451,7 +453,7 @@ class Lumina2(nn.Module):
     def to_lumina2_state_dict(self) -> dict[str, Tensor]:
         """This model's weights with Lumina-Image-2.0's ``NextDiT`` key names, its unused top-level
         ``norm_final.weight`` included at its init value (ones) so ``NextDiT`` loads it strictly."""
-        sd = {_rename(k, _OURS_TO_LUMINA2): v for k, v in self.state_dict().items()}
+        sd = {rename_key(k, _OURS_TO_LUMINA2): v for k, v in self.state_dict().items()}
         ref = self.x_embedder.weight
         sd[_LUMINA2_UNUSED] = torch.ones(self.hidden_size, dtype=ref.dtype, device=ref.device)
         return sd
@@ -459,12 +461,8 @@ class Lumina2(nn.Module):
     def load_lumina2_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load a Lumina-Image-2.0 checkpoint (``convert_lumina2_state_dict``), every key and shape checked."""
         converted = convert_lumina2_state_dict(state_dict)
-        expected = self.state_dict()
-        check_layout(
-            {_rename(k, _OURS_TO_LUMINA2): v for k, v in converted.items()},
-            {_rename(k, _OURS_TO_LUMINA2): v for k, v in expected.items()},
-            "Lumina-Image-2.0 NextDiT",
-        )
+        lumina2_names = partial(rename_key, rules=_OURS_TO_LUMINA2)
+        check_layout(converted, self.state_dict(), "Lumina-Image-2.0 NextDiT", rename=lumina2_names)
         self.load_state_dict(converted)
 
     def _diffusers_rows(self) -> list[Row]:
@@ -500,12 +498,6 @@ class Lumina2(nn.Module):
         rows += _linear_rows("final_layer.adaLN_modulation.proj.1", "norm_out.linear_1")
         rows += _linear_rows("final_layer.linear", "norm_out.linear_2")
         return rows
-
-
-def _check_positive_int(v: object, name: str, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-    return v
 
 
 #################################################################################
@@ -611,26 +603,6 @@ def import_layout(sd: Mapping[str, Tensor], rows: list[Row]) -> dict[str, Tensor
     return {ours: sd[theirs[0]] if len(theirs) == 1 else torch.cat([sd[k] for k in theirs]) for ours, theirs, _ in rows}
 
 
-def check_layout(sd: object, expected: Mapping[str, Tensor], source: str) -> None:
-    """One ValueError naming every missing, unexpected and mis-shaped key (in ``source``'s names)."""
-    if not isinstance(sd, Mapping):
-        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(sd).__name__}")
-    bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise TypeError(f"state_dict values must be tensors; not tensors: {bad}")
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [
-        f"{k}: got {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
-        for k, v in sd.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
-        problems = [f"{name} ({len(items)}): {items}" for name, items in found if items]
-        raise ValueError(f"{source} state dict does not fit this model:\n  " + "\n  ".join(problems))
-
-
 # Lumina-Image-2.0 NextDiT keys = ours, but for the Sequential index of the AdaLN Linears.
 _OURS_TO_LUMINA2 = ((r"adaLN_modulation\.proj\.1\.", "adaLN_modulation.1."),)
 _LUMINA2_TO_OURS = ((r"adaLN_modulation\.1\.", "adaLN_modulation.proj.1."),)
@@ -642,12 +614,6 @@ _LUMINA2_KEY = re.compile(
     r"|(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(qkv|out|q_norm|k_norm)\.weight"
     r"|(attention_norm[12]|ffn_norm[12])\.weight|feed_forward\.w[123]\.weight|adaLN_modulation\.1\.(weight|bias)))$"
 )
-
-
-def _rename(key: str, rules: tuple[tuple[str, str], ...]) -> str:
-    for pattern, replacement in rules:
-        key = re.sub(pattern, replacement, key)
-    return key
 
 
 def convert_lumina2_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -666,7 +632,7 @@ def convert_lumina2_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Te
     unknown = sorted(k for k in sd if not _LUMINA2_KEY.match(k))
     if unknown:
         raise ValueError(f"keys not in a Lumina-Image-2.0 NextDiT state dict: {unknown}")
-    return {_rename(k, _LUMINA2_TO_OURS): v for k, v in sd.items()}
+    return {rename_key(k, _LUMINA2_TO_OURS): v for k, v in sd.items()}
 
 
 # Lumina2Transformer2DModel.__init__'s defaults (diffusers models/transformers/transformer_lumina2.py).

@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaln.checks import check_tensor
+from adaln.checks import check_int, check_tensor
+from adaln.models._layout import check_layout
 from adaln.models.conditioning import VectorEmbedder
 from adaln.nn.adaln import (
     AdaLNContinuous,
@@ -54,7 +55,7 @@ from adaln.nn.adaln import (
     adaln_continuous_from_diffusers,
     adaln_continuous_to_diffusers,
 )
-from adaln.nn.attention import QK_NORMS, Attention, _qk_norm
+from adaln.nn.attention import QK_NORMS, Attention, StreamAttention
 from adaln.nn.embeddings import PatchEmbed, TimestepEmbedder
 from adaln.nn.mlp import Mlp
 
@@ -105,27 +106,6 @@ def sd3_pos_embed(embed_dim: int, max_size: int, base_size: int) -> Tensor:
 #################################################################################
 #                               Joint transformer block                         #
 #################################################################################
-
-
-class StreamAttention(nn.Module):
-    """One stream's share of the joint attention: ``qkv`` (layout ``[q; k; v]``, heads contiguous, as
-    Stability's ``SelfAttention`` and our ``Attention``), per-head ``q_norm`` / ``k_norm`` and the output
-    ``proj`` (None for a pre-only stream). x (B, N, dim) -> q, k, v (B, heads, N, head_dim)."""
-
-    def __init__(self, dim: int, num_heads: int, *, qk_norm: str | None, pre_only: bool = False) -> None:
-        super().__init__()
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = _qk_norm(qk_norm, self.head_dim)
-        self.k_norm = _qk_norm(qk_norm, self.head_dim)
-        self.proj = None if pre_only else nn.Linear(dim, dim)
-
-    def heads(self, x: Tensor, *, queries: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
-        """(q, k, v), each (B, heads, N, head_dim); q is None when ``queries`` is False."""
-        b, n = x.shape[:2]
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        return (self.q_norm(q) if queries else None), self.k_norm(k), v
 
 
 def joint_attention(
@@ -268,7 +248,7 @@ class MMDiT(nn.Module):
                         ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads),
                         ("context_dim", context_dim), ("pooled_dim", pooled_dim),
                         ("pos_embed_max_size", pos_embed_max_size)):  # fmt: skip
-            _check_positive_int(v, name)
+            check_int(v, name)
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         if qk_norm not in QK_NORMS:
@@ -285,7 +265,7 @@ class MMDiT(nn.Module):
                 f"sample_size // patch_size = {base} must be in [1, pos_embed_max_size={pos_embed_max_size}]"
             )
         self.sample_size, self.patch_size, self.in_channels = sample_size, patch_size, in_channels
-        self.out_channels = in_channels if out_channels is None else _check_positive_int(out_channels, "out_channels")
+        self.out_channels = in_channels if out_channels is None else check_int(out_channels, "out_channels")
         self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
         self.context_dim, self.pooled_dim, self.pos_embed_max_size = context_dim, pooled_dim, pos_embed_max_size
         self.qk_norm, self.dual_attention_layers = qk_norm, dual
@@ -459,7 +439,7 @@ class MMDiT(nn.Module):
     def load_diffusers_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load an ``SD3Transformer2DModel`` state dict; every key and shape is checked before loading."""
         table = _diffusers_table(self._structure())
-        _check_layout(state_dict, self.to_diffusers_state_dict(), "diffusers SD3Transformer2DModel")
+        check_layout(state_dict, self.to_diffusers_state_dict(), "diffusers SD3Transformer2DModel", target="this MMDiT")
         self.load_state_dict(_import(state_dict, table))
 
     def to_sd3_state_dict(self) -> dict[str, Tensor]:
@@ -468,17 +448,12 @@ class MMDiT(nn.Module):
 
     def load_sd3_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load an original SD3 / SD3.5 state dict (a ``model.diffusion_model.`` prefix is accepted)."""
-        _check_layout(_strip_prefix(state_dict), self.to_sd3_state_dict(), "original SD3 (mmditx.py)")
+        sd = _strip_prefix(state_dict)
+        check_layout(sd, self.to_sd3_state_dict(), "original SD3 (mmditx.py)", target="this MMDiT")
         self.load_state_dict(convert_sd3_state_dict(state_dict))
 
     def _structure(self) -> _Structure:
         return _Structure(self.depth, self.dual_attention_layers, self.qk_norm)
-
-
-def _check_positive_int(v: object, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
 
 
 #################################################################################
@@ -700,7 +675,7 @@ def _export(sd: Mapping[str, Tensor], table: list, source: str) -> dict[str, Ten
 
 
 def _import(sd: Mapping[str, Tensor], table: list) -> dict[str, Tensor]:
-    """The table's layout -> our state dict (keys and shapes already checked by ``_check_layout``)."""
+    """The table's layout -> our state dict (keys and shapes already checked by ``check_layout``)."""
     out: dict[str, Tensor] = {}
     for kind, ours, theirs, suffixes in table:
         for suffix in suffixes:
@@ -715,26 +690,6 @@ def _import(sd: Mapping[str, Tensor], table: list) -> dict[str, Tensor]:
             else:
                 out[_key(ours, suffix)] = parts[0]
     return out
-
-
-def _check_layout(sd: object, expected: Mapping[str, Tensor], source: str) -> None:
-    """One ValueError naming every missing, unexpected and mis-shaped key (in ``source``'s names)."""
-    if not isinstance(sd, Mapping):
-        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(sd).__name__}")
-    bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise TypeError(f"state_dict values must be tensors; not tensors: {bad}")
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [
-        f"{k}: got {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
-        for k, v in sd.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
-        problems = [f"{name} ({len(items)}): {items}" for name, items in found if items]
-        raise ValueError(f"{source} state dict does not fit this MMDiT:\n  " + "\n  ".join(problems))
 
 
 _SD3_PREFIX = "model.diffusion_model."  # full SD3 checkpoints (and ComfyUI) nest the MMDiT under it

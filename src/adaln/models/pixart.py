@@ -31,14 +31,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from adaln.checks import check_tensor, compute_dtype
+from adaln.checks import check_int, check_tensor, compute_dtype
 from adaln.diffusion import VPEpsDenoiser
 from adaln.functional import gate_residual, norm_modulate
+from adaln.models._layout import check_layout, check_state_dict, rename_key
 from adaln.nn.adaln import AdaLNSingle, AdaLNSingleTable
 from adaln.nn.attention import Attention, CrossAttention
 from adaln.nn.embeddings import PatchEmbed, TimestepEmbedder
@@ -226,8 +228,7 @@ class PixArt(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("sample_size", sample_size), ("patch_size", patch_size), ("depth", depth)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(value, name)
         if sample_size % patch_size:
             raise ValueError(f"sample_size ({sample_size}) must be divisible by patch_size ({patch_size})")
         if hidden_size % 4:
@@ -473,12 +474,13 @@ class PixArt(nn.Module):
 
     def to_pixart_state_dict(self) -> dict[str, Tensor]:
         """This model's weights with PixArt-alpha's own key names (``PixArt`` / ``PixArtMS`` modules)."""
-        return {_rename(k, _OURS_TO_PIXART): v for k, v in self.state_dict().items()}
+        return {rename_key(k, _OURS_TO_PIXART): v for k, v in self.state_dict().items()}
 
     def load_pixart_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load a PixArt-alpha checkpoint's state dict (``convert_pixart_state_dict``), checked first."""
         converted = convert_pixart_state_dict(state_dict)
-        _check_fits(self.state_dict(), converted, "PixArt-alpha", lambda k: _rename(k, _OURS_TO_PIXART))
+        pixart_names = partial(rename_key, rules=_OURS_TO_PIXART)
+        check_layout(converted, self.state_dict(), "PixArt-alpha", target="this PixArt", rename=pixart_names)
         self.load_state_dict(converted)
 
 
@@ -500,12 +502,6 @@ _PIXART_TO_OURS = (
 _PIXART_NOT_WEIGHTS = ("pos_embed", "y_embedder.y_embedding")
 
 
-def _rename(key: str, rules: tuple[tuple[str, str], ...]) -> str:
-    for pattern, replacement in rules:
-        key = re.sub(pattern, replacement, key)
-    return key
-
-
 def convert_pixart_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """PixArt-alpha checkpoint state dict (PixArt-alpha/PixArt-alpha ``diffusion/model/nets/PixArt.py``
     ``PixArt``, ``PixArtMS.py`` ``PixArtMS``, e.g. PixArt-XL-2-1024-MS.pth) -> ours.
@@ -520,8 +516,8 @@ def convert_pixart_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Ten
     original dict if you sample that way). ``ar_embedder`` maps to the aspect-ratio embedder: diffusers'
     ``scripts/convert_pixart_alpha_to_diffusers.py`` copies ``csize_embedder`` there instead.
     """
-    _check_mapping(state_dict)
-    return {_rename(k, _PIXART_TO_OURS): v for k, v in state_dict.items() if k not in _PIXART_NOT_WEIGHTS}
+    check_state_dict(state_dict)
+    return {rename_key(k, _PIXART_TO_OURS): v for k, v in state_dict.items() if k not in _PIXART_NOT_WEIGHTS}
 
 
 #################################################################################
@@ -595,7 +591,7 @@ def _our_name(key: str) -> tuple[str, int, int] | None:
 def convert_to_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Our PixArt state dict -> diffusers ``PixArtTransformer2DModel``'s: renames, and the fused ``qkv`` /
     ``kv_linear`` split into ``to_q``/``to_k``/``to_v`` (tensors are views, not copies)."""
-    _check_mapping(state_dict)
+    check_state_dict(state_dict)
     unknown = [k for k in state_dict if _diffusers_names(k) is None]
     if unknown:
         raise ValueError(f"cannot convert to diffusers: keys not in a PixArt state dict: {unknown}")
@@ -610,7 +606,7 @@ def convert_from_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor
     """diffusers ``PixArtTransformer2DModel`` state dict -> ours (``to_q``/``to_k``/``to_v`` fused in that
     order into ``attn.qkv``, ``to_k``/``to_v`` into ``cross_attn.kv_linear``). Raises ``ValueError`` naming
     unknown keys and incomplete fused projections."""
-    _check_mapping(state_dict)
+    check_state_dict(state_dict)
     unknown = [k for k in state_dict if _our_name(k) is None]
     if unknown:
         raise ValueError(f"cannot convert from diffusers: keys not in a PixArtTransformer2DModel: {unknown}")
@@ -697,32 +693,9 @@ def from_diffusers(model: nn.Module) -> PixArt:
     ours = PixArt(**pixart_kwargs_from_diffusers(config)).to(weight.dtype)
     theirs = model.state_dict()
     expected = ours.to_diffusers_state_dict()
-    _check_fits(expected, theirs, "diffusers PixArtTransformer2DModel", lambda k: k)
+    check_layout(theirs, expected, "diffusers PixArtTransformer2DModel", target="this PixArt")
     ours.load_state_dict(convert_from_diffusers(theirs))
     return ours.to(weight.device).train(model.training)
-
-
-def _check_mapping(state_dict: object) -> None:
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
-    bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise TypeError(f"state_dict values must be tensors; not tensors: {bad}")
-
-
-def _check_fits(expected: Mapping[str, Tensor], sd: Mapping[str, Tensor], source: str, rename) -> None:
-    """One ValueError naming every missing, unexpected and mis-shaped key (names through ``rename``)."""
-    missing = [rename(k) for k in expected if k not in sd]
-    unexpected = [rename(k) for k in sd if k not in expected]
-    shapes = [
-        f"{rename(k)}: got {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
-        for k, v in sd.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
-        problems = [f"{name} ({len(items)}): {items}" for name, items in found if items]
-        raise ValueError(f"{source} state dict does not fit this PixArt:\n  " + "\n  ".join(problems))
 
 
 #################################################################################

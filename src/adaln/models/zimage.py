@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adaln.checks import check_int
+from adaln.models._layout import check_layout
 from adaln.models.lumina2 import (
     NextDiTBlock,
     NextDiTFinalLayer,
@@ -50,10 +52,8 @@ from adaln.models.lumina2 import (
     _cat_freqs,
     _caption_ids,
     _check_inputs,
-    _check_positive_int,
     _image_ids,
     _linear_rows,
-    check_layout,
     compact_captions,
     export_layout,
     import_layout,
@@ -139,8 +139,8 @@ class ZImage(nn.Module):
         for name, v in (("patch_size", patch_size), ("in_channels", in_channels), ("hidden_size", hidden_size),
                         ("depth", depth), ("num_heads", num_heads), ("context_dim", context_dim),
                         ("timestep_hidden", timestep_hidden)):  # fmt: skip
-            _check_positive_int(v, name)
-        _check_positive_int(num_refiner_layers, "num_refiner_layers", minimum=0)
+            check_int(v, name)
+        check_int(num_refiner_layers, "num_refiner_layers", minimum=0)
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         axes_dim, axes_lens = tuple(axes_dim), tuple(axes_lens)

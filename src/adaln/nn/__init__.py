@@ -12,7 +12,7 @@ from adaln.nn.adaln import (
     adaln_continuous_from_diffusers,
     adaln_continuous_to_diffusers,
 )
-from adaln.nn.attention import Attention, CrossAttention
+from adaln.nn.attention import Attention, CrossAttention, StreamAttention
 from adaln.nn.blocks import AdaLNZeroResidualBlock, DiTBlock, FinalLayer
 from adaln.nn.ckconv import (
     CKConvND,
@@ -65,6 +65,7 @@ __all__ = [
     "Mlp",
     "PatchEmbed",
     "RotaryEmbedding",
+    "StreamAttention",
     "SwiGLU",
     "TimestepEmbedder",
     "adaln_continuous_from_diffusers",

@@ -5,7 +5,8 @@
 ``reshape(B, N, 3, H, d)``), so fb DiT weights load by name. ``CrossAttention`` matches PixArt-alpha's
 ``MultiHeadCrossAttention`` (``q_linear``, ``kv_linear`` laid out ``[k; v]``, ``proj``). Both run
 ``torch.nn.functional.scaled_dot_product_attention`` (softmax scale ``head_dim ** -0.5``) over the
-flattened token axes of ``x`` (B, *spatial, C) and return x's shape.
+flattened token axes of ``x`` (B, *spatial, C) and return x's shape. ``StreamAttention`` is one stream's
+projections in the joint attention of MMDiT (SD3) and Flux, which their blocks run themselves.
 """
 
 from __future__ import annotations
@@ -170,3 +171,26 @@ class CrossAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, self.dim)))
         return out.reshape(x.shape)
+
+
+class StreamAttention(nn.Module):
+    """One stream's projections in a joint attention (Stability ``SelfAttention`` in SD3's mmditx.py, BFL
+    ``SelfAttention`` in Flux): ``qkv`` laid out ``[q; k; v]`` with heads contiguous (as ``Attention``),
+    per-head ``q_norm`` / ``k_norm`` (``"rms"``: weighted RMSNorm eps 1e-6, BFL ``QKNorm``, diffusers
+    ``norm_q`` / ``norm_k``) and the output ``proj`` (None for a pre-only stream).
+    x (B, N, dim) -> q, k, v (B, heads, N, head_dim); the block runs the attention over both streams.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, qk_norm: str | None = "rms", pre_only: bool = False) -> None:
+        super().__init__()
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = _qk_norm(qk_norm, self.head_dim)
+        self.k_norm = _qk_norm(qk_norm, self.head_dim)
+        self.proj = None if pre_only else nn.Linear(dim, dim)
+
+    def heads(self, x: Tensor, *, queries: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
+        """(q, k, v), each (B, heads, N, head_dim); q is None when ``queries`` is False."""
+        b, n = x.shape[:2]
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return (self.q_norm(q) if queries else None), self.k_norm(k), v
