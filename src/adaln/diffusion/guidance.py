@@ -163,12 +163,14 @@ class ClassifierFreeGuidance:
         b = x.shape[0]
         if self.guided_channels is not None:
             self._check_channels(x)
+        if self.scale == 1.0 and self.skip_layers is None:
+            return self.denoiser(x, sigma, **cond)
         ct = compute_dtype(x.dtype)
         sd = sigma.dtype if isinstance(sigma, Tensor) and sigma.is_floating_point() else ct
         sigma_b = as_sigma(sigma, b, dtype=sd, device=x.device)
         if self.scale == 1.0:
-            out = self.denoiser(x, sigma, **cond)
-            return out if self.skip_layers is None else self._skip_layer(out.to(ct), out.to(ct), x, sigma_b, cond)
+            out = self.denoiser(x, sigma, **cond).to(ct)
+            return self._skip_layer(out, out, x, sigma_b, cond)
         out = self.denoiser(torch.cat([x, x]), torch.cat([sigma_b, sigma_b]), **self._batched_cond(cond, b))
         if not isinstance(out, Tensor) or out.shape != (2 * b, *x.shape[1:]):
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
