@@ -64,12 +64,27 @@ def randn(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """Standard normal ``(B, ...)``; with a generator list, row ``i`` comes from generator ``i`` only."""
+    return _draw(torch.randn, shape, generator, dtype, device)
+
+
+def rand(
+    shape: tuple[int, ...],
+    generator: GeneratorArg,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Uniform [0, 1) ``(B, ...)``, drawn per sample as :func:`randn`."""
+    return _draw(torch.rand, shape, generator, dtype, device)
+
+
+def _draw(fn, shape: tuple[int, ...], generator: GeneratorArg, dtype: torch.dtype,
+          device: torch.device | str | None) -> Tensor:
     if generator is None:
-        return torch.randn(shape, dtype=dtype, device=device)
+        return fn(shape, dtype=dtype, device=device)
     if isinstance(generator, torch.Generator):
-        return torch.randn(shape, generator=generator, dtype=dtype, device=generator.device).to(device)
-    rows = [torch.randn(shape[1:], generator=g, dtype=dtype, device=g.device).to(device) for g in generator]
-    return torch.stack(rows)
+        return fn(shape, generator=generator, dtype=dtype, device=generator.device).to(device)
+    return torch.stack([fn(shape[1:], generator=g, dtype=dtype, device=g.device).to(device) for g in generator])
 
 
 def check_nonnegative(value: float, name: str) -> float:

@@ -39,6 +39,7 @@ from adaln.diffusion._utils import (
     check_positive,
     check_steps,
     expand_to,
+    rand,
     randn,
 )
 
@@ -177,23 +178,13 @@ def sample_flow_training_sigmas(
             raise ValueError(f"logit_mean must be finite, got {logit_mean}")
         u = torch.sigmoid(logit_mean + logit_std * randn((n,), generator, dtype=torch.float64, device=device))
     else:
-        u = _rand((n,), generator, device)
+        u = rand((n,), generator, dtype=torch.float64, device=device)
         if kind == "mode":
             if not -1 <= mode_scale <= 2 / (math.pi - 2):
                 raise ValueError(f"mode_scale must lie in [-1, {2 / (math.pi - 2):.4f}] so sigma stays in [0, 1], "
                                  f"got {mode_scale}")
             u = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     return shift_sigma(u, shift).to(dtype)
-
-
-def _rand(shape: tuple[int, ...], generator: GeneratorArg, device: torch.device | str | None) -> Tensor:
-    """U(0, 1) float64; with a generator list, row ``i`` from generator ``i`` only."""
-    if generator is None:
-        return torch.rand(shape, dtype=torch.float64, device=device)
-    if isinstance(generator, torch.Generator):
-        return torch.rand(shape, generator=generator, dtype=torch.float64, device=generator.device).to(device)
-    rows = [torch.rand(shape[1:], generator=g, dtype=torch.float64, device=g.device).to(device) for g in generator]
-    return torch.stack(rows)
 
 
 def flow_loss_weight(sigma: Tensor, weighting: str = "none") -> Tensor:
