@@ -297,8 +297,8 @@ def generate_from_captions(run: TrainedRun, encoded: EncodedCaptions, per_prompt
     def conds():
         for i in range(0, len(which), chunk):
             idx = which[i : i + chunk]
-            tokens, mask, pooled = encoded.tokens[idx], encoded.mask[idx], encoded.pooled[idx]
             if system:
+                tokens, mask, pooled = encoded.tokens[idx], encoded.mask[idx], encoded.pooled[idx]
                 yield system_cond(run.cfg.model.arch, tokens.to(device), mask.to(device), pooled.to(device))
             else:
                 tokens, mask, pooled = encoded.select(idx)
