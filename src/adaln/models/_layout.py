@@ -2,6 +2,8 @@
 
 Every converter checks a foreign state dict against the keys and shapes it expects before anything loads,
 and reports every problem at once: one ``ValueError`` listing the missing, unexpected and mis-shaped keys.
+A layout given as a table of ``Row``s (Lumina 2, Z-Image) converts both ways with ``export_layout`` and
+``import_layout``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -58,3 +61,32 @@ def rename_key(key: str, rules: tuple[tuple[str, str], ...]) -> str:
     for pattern, replacement in rules:
         key = re.sub(pattern, replacement, key)
     return key
+
+
+# A row: (our key, their key(s), split sizes). Several keys: our tensor is theirs concatenated along dim 0
+# with those sizes (a fused qkv <-> to_q / to_k / to_v).
+Row = tuple[str, tuple[str, ...], tuple[int, ...]]
+
+
+def linear_rows(ours: str, theirs: str) -> list[Row]:
+    """The weight and bias rows of one Linear named ``ours`` here and ``theirs`` in the other layout."""
+    return [(f"{ours}.{s}", (f"{theirs}.{s}",), ()) for s in ("weight", "bias")]
+
+
+def export_layout(sd: Mapping[str, Tensor], rows: list[Row], source: str) -> dict[str, Tensor]:
+    """Our state dict -> the rows' layout; every key of ``sd`` must be covered by a row."""
+    out: dict[str, Tensor] = {}
+    for ours, theirs, split in rows:
+        if ours not in sd:
+            raise ValueError(f"{source} state dict lacks {ours!r}")
+        parts = sd[ours].split(list(split), dim=0) if len(theirs) > 1 else (sd[ours],)
+        out.update(zip(theirs, parts))
+    unused = sorted(set(sd) - {ours for ours, _, _ in rows})
+    if unused:
+        raise ValueError(f"{source} state dict has keys no layout row covers: {unused}")
+    return out
+
+
+def import_layout(sd: Mapping[str, Tensor], rows: list[Row]) -> dict[str, Tensor]:
+    """The rows' layout -> our state dict (keys and shapes already checked by ``check_layout``)."""
+    return {ours: sd[theirs[0]] if len(theirs) == 1 else torch.cat([sd[k] for k in theirs]) for ours, theirs, _ in rows}

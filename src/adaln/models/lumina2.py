@@ -57,8 +57,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaln.checks import check_int, check_tensor
-from adaln.models._layout import check_layout, rename_key
+from adaln.checks import check_int
+from adaln.models._layout import Row, check_layout, export_layout, import_layout, linear_rows, rename_key
+from adaln.models._next_dit import (
+    caption_ids,
+    cat_freqs,
+    check_config,
+    check_inputs,
+    compact_captions,
+    image_ids,
+    patchify,
+    unpatchify,
+)
 from adaln.nn.adaln import AdaLN, AdaLNZero
 from adaln.nn.embeddings import TimestepEmbedder
 from adaln.nn.mlp import SwiGLU
@@ -84,65 +94,6 @@ FINAL_EPS = 1e-6  # final LayerNorm (diffusers LuminaLayerNormContinuous(eps=1e-
 ROPE_THETA = 10000.0  # Lumina2RotaryPosEmbed(theta=10000)
 FREQUENCY_DIM = 256  # Timesteps(num_channels=256, flip_sin_to_cos=True, downscale_freq_shift=0)
 MAX_COND_DIM = 1024  # the timestep embedding (the AdaLN condition) is min(D, 1024) wide
-
-
-#################################################################################
-#                       Patches, captions and positions                         #
-#################################################################################
-
-
-def patchify(x: Tensor, patch_size: int) -> Tensor:
-    """(B, C, H, W) -> (B, H/p * W/p, p * p * C): row-major patches, features ordered (row, col, C)."""
-    b, c, hh, ww = x.shape
-    p = patch_size
-    x = x.reshape(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(b, (hh // p) * (ww // p), p * p * c)
-
-
-def unpatchify(tokens: Tensor, h: int, w: int, patch_size: int, channels: int) -> Tensor:
-    """(B, h * w, p * p * C) -> (B, C, h * p, w * p), the inverse of ``patchify``."""
-    p = patch_size
-    x = tokens.reshape(tokens.shape[0], h, w, p, p, channels).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(tokens.shape[0], channels, h * p, w * p)
-
-
-def compact_captions(context: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Kept caption tokens first, in order, padding zeroed: (B, L, C), (B, L) bool -> same shapes.
-
-    The returned mask is a prefix mask (sample i keeps its first ``mask[i].sum()`` slots); a prefix mask
-    comes back unchanged. Zeroing makes the padding's content irrelevant (no NaN can leak through a
-    masked key).
-    """
-    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)
-    keep = mask.gather(1, order)
-    context = context.gather(1, order[..., None].expand_as(context))
-    return torch.where(keep[..., None], context, context.new_zeros(())), keep
-
-
-def _image_ids(first: Tensor, h: int, w: int) -> Tensor:
-    """(B, h * w, 3) positions (first[b], row, col) of row-major image tokens; first (B,) integer."""
-    rows = torch.arange(h, device=first.device).repeat_interleave(w)
-    cols = torch.arange(w, device=first.device).repeat(h)
-    b, n = first.shape[0], h * w
-    return torch.stack([first[:, None].expand(b, n), rows.expand(b, n), cols.expand(b, n)], dim=-1)
-
-
-def _caption_ids(length: int, start: int, device: torch.device) -> Tensor:
-    """(length, 3) positions (start + j, 0, 0) of caption slot j."""
-    ids = torch.zeros(length, 3, dtype=torch.long, device=device)
-    ids[:, 0] = torch.arange(start, start + length, device=device)
-    return ids
-
-
-def _cat_freqs(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """Concatenate two token runs' (cos, sin) along tokens; shared (N, d) frequencies broadcast to batch."""
-    batch = max(f.shape[0] for f in (*a, *b) if f.dim() == 3)
-
-    def grow(f: Tensor) -> Tensor:
-        return f.expand(batch, *f.shape) if f.dim() == 2 else f
-
-    cos, sin = (torch.cat([grow(fa), grow(fb)], dim=1) for fa, fb in zip(a, b))
-    return cos, sin
 
 
 #################################################################################
@@ -305,21 +256,12 @@ class Lumina2(nn.Module):
         axes_lens: Sequence[int] = (300, 512, 512),
     ) -> None:
         super().__init__()
-        for name, v in (("sample_size", sample_size), ("patch_size", patch_size), ("in_channels", in_channels),
-                        ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads),
-                        ("context_dim", context_dim), ("multiple_of", multiple_of)):  # fmt: skip
-            check_int(v, name)
-        check_int(num_refiner_layers, "num_refiner_layers", minimum=0)
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
-        axes_dim, axes_lens = tuple(axes_dim), tuple(axes_lens)
-        if len(axes_dim) != 3 or sum(axes_dim) != hidden_size // num_heads:
-            raise ValueError(
-                f"axes_dim must be 3 RoPE widths (caption, row, column) summing to the head width "
-                f"hidden_size // num_heads = {hidden_size // num_heads}, got {axes_dim}"
-            )
-        if not norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {norm_eps!r}")
+        axes_dim = check_config(
+            hidden_size, num_heads, num_refiner_layers, axes_dim, norm_eps, sample_size=sample_size,
+            patch_size=patch_size, in_channels=in_channels, depth=depth, context_dim=context_dim,
+            multiple_of=multiple_of,
+        )
+        axes_lens = tuple(axes_lens)
         self.sample_size, self.patch_size, self.in_channels = sample_size, patch_size, in_channels
         self.out_channels = in_channels if out_channels is None else check_int(out_channels, "out_channels")
         self.hidden_size, self.depth, self.num_refiner_layers = hidden_size, depth, num_refiner_layers
@@ -383,13 +325,13 @@ class Lumina2(nn.Module):
         guidance: Tensor | None = None,
     ) -> Tensor:
         """x (B, C, H, W), t (B,), context (B, L, context_dim), context_mask (B, L) bool -> (B, C_out, H, W)."""
-        t, mask = _check_inputs(self, "Lumina 2", x, t, context, pooled, context_mask, guidance)
+        t, mask = check_inputs(self, "Lumina 2", x, t, context, pooled, context_mask, guidance)
         b, p = x.shape[0], self.patch_size
         h, w = x.shape[2] // p, x.shape[3] // p
         length = context.shape[1]
         c = self.t_embedder(t)  # (B, min(D, 1024))
         tokens = self.x_embedder(patchify(x, p))  # (B, N, D)
-        cap_ids = _caption_ids(length, 0, x.device)  # caption token j at (j, 0, 0)
+        cap_ids = caption_ids(length, 0, x.device)  # caption token j at (j, 0, 0)
         if mask is None:
             cap_len = torch.full((b,), length, dtype=torch.long, device=x.device)
             refine_keep = joint_keep = None
@@ -400,12 +342,12 @@ class Lumina2(nn.Module):
             joint_keep = torch.cat([mask, mask.new_ones(b, h * w)], dim=1)
         cap = self.cap_embedder(context)  # (B, L, D)
         cap_freqs = self.rope(cap_ids, dtype=torch.float64)  # float64, as diffusers' complex128 freqs_cis
-        img_freqs = self.rope(_image_ids(cap_len, h, w), dtype=torch.float64)  # (L_i, row, col)
+        img_freqs = self.rope(image_ids(cap_len, h, w), dtype=torch.float64)  # (L_i, row, col)
         for block in self.context_refiner:
             cap = block(cap, cap_freqs, refine_keep)
         for block in self.noise_refiner:
             tokens = block(tokens, img_freqs, None, c)
-        joint, freqs = torch.cat([cap, tokens], dim=1), _cat_freqs(cap_freqs, img_freqs)
+        joint, freqs = torch.cat([cap, tokens], dim=1), cat_freqs(cap_freqs, img_freqs)
         for block in self.layers:
             joint = block(joint, freqs, joint_keep, c)
         out = self.final_layer(joint[:, length:], c)
@@ -471,9 +413,9 @@ class Lumina2(nn.Module):
             ("x_embedder.bias", ("x_embedder.bias",), ()),
             ("cap_embedder.0.weight", ("time_caption_embed.caption_embedder.0.weight",), ()),
         ]
-        rows += _linear_rows("t_embedder.mlp.0", "time_caption_embed.timestep_embedder.linear_1")
-        rows += _linear_rows("t_embedder.mlp.2", "time_caption_embed.timestep_embedder.linear_2")
-        rows += _linear_rows("cap_embedder.1", "time_caption_embed.caption_embedder.1")
+        rows += linear_rows("t_embedder.mlp.0", "time_caption_embed.timestep_embedder.linear_1")
+        rows += linear_rows("t_embedder.mlp.2", "time_caption_embed.timestep_embedder.linear_2")
+        rows += linear_rows("cap_embedder.1", "time_caption_embed.caption_embedder.1")
         split = self.layers[0].attention.split  # (q, k, v) rows of the fused projection
         for group, n, modulated in (("noise_refiner", self.num_refiner_layers, True),
                                     ("context_refiner", self.num_refiner_layers, False),
@@ -494,114 +436,15 @@ class Lumina2(nn.Module):
                     (p + f"feed_forward.w{j}.weight", (p + f"feed_forward.linear_{j}.weight",), ()) for j in (1, 2, 3)
                 ]
                 if modulated:
-                    rows += _linear_rows(p + "adaLN_modulation.proj.1", p + "norm1.linear")
-        rows += _linear_rows("final_layer.adaLN_modulation.proj.1", "norm_out.linear_1")
-        rows += _linear_rows("final_layer.linear", "norm_out.linear_2")
+                    rows += linear_rows(p + "adaLN_modulation.proj.1", p + "norm1.linear")
+        rows += linear_rows("final_layer.adaLN_modulation.proj.1", "norm_out.linear_1")
+        rows += linear_rows("final_layer.linear", "norm_out.linear_2")
         return rows
 
 
 #################################################################################
-#                    Input checks (shared with Z-Image)                          #
+#                        Lumina-Image-2.0 layout converter                      #
 #################################################################################
-
-
-def _check_inputs(
-    model: nn.Module,
-    system: str,
-    x: object,
-    t: object,
-    context: object,
-    pooled: object,
-    context_mask: object,
-    guidance: object,
-) -> tuple[Tensor, Tensor | None]:
-    """Every argument against the calling convention; returns t as (B,) and the mask (None: all kept).
-
-    ``model`` has ``patch_size``, ``in_channels``, ``context_dim`` and an ``x_embedder`` Linear.
-    """
-    for name, value in (("pooled", pooled), ("guidance", guidance)):
-        if value is not None:
-            raise ValueError(f"{name} must be None: {system} takes no {name} input")
-    p, c = model.patch_size, model.in_channels
-    check_tensor(x, "x")
-    if x.dim() != 4 or x.shape[1] != c or x.shape[2] % p or x.shape[3] % p or 0 in x.shape[2:]:
-        raise ValueError(f"x must have shape (B, {c}, H, W) with H and W multiples of {p}, got {tuple(x.shape)}")
-    b = x.shape[0]
-    weight = model.x_embedder.weight
-    if x.device != weight.device:
-        raise ValueError(f"x is on {x.device} but the model's parameters are on {weight.device}")
-    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-    if x.dtype != weight.dtype and not autocast:
-        raise TypeError(
-            f"x has dtype {x.dtype} but the model's parameters are {weight.dtype}: cast one to the other, "
-            "or call the model under torch.autocast"
-        )
-    if isinstance(t, (int, float)) and not isinstance(t, bool):
-        t = torch.tensor(float(t), device=x.device)
-    if not isinstance(t, Tensor) or t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"t must be a real torch.Tensor of shape (B,) or a number, got {type(t).__name__}")
-    if t.dim() == 0:
-        t = t.expand(b)
-    if tuple(t.shape) != (b,):
-        raise ValueError(f"t must have shape (B,) = ({b},) or be a scalar, got {tuple(t.shape)}")
-    if t.device != x.device:
-        raise ValueError(f"t is on {t.device} but x is on {x.device}")
-    width = model.context_dim
-    if context is None:
-        raise ValueError(f"context is required: the caption features, shape (B, L, {width}) with B = {b}")
-    check_tensor(context, "context")
-    if context.dim() != 3 or context.shape[0] != b or context.shape[2] != width or context.shape[1] < 1:
-        raise ValueError(
-            f"context must have shape (B, L, context_dim) = ({b}, L, {width}) with L >= 1, got {tuple(context.shape)}"
-        )
-    if context.device != x.device:
-        raise ValueError(f"context is on {context.device} but x is on {x.device}")
-    if context_mask is None:
-        return t, None
-    if not isinstance(context_mask, Tensor) or context_mask.dtype != torch.bool:
-        got = context_mask.dtype if isinstance(context_mask, Tensor) else type(context_mask).__name__
-        raise TypeError(f"context_mask must be a bool tensor (True = keep the token), got {got}")
-    if tuple(context_mask.shape) != tuple(context.shape[:2]):
-        raise ValueError(
-            f"context_mask must have shape (B, L) = {tuple(context.shape[:2])} to match context, "
-            f"got {tuple(context_mask.shape)}"
-        )
-    if context_mask.device != x.device:
-        raise ValueError(f"context_mask is on {context_mask.device} but x is on {x.device}")
-    return t, context_mask
-
-
-#################################################################################
-#             Layout tables (shared with Z-Image) and the converters             #
-#################################################################################
-
-# A row: (our key, their key(s), split sizes). Several keys: our tensor is theirs concatenated along dim 0
-# with those sizes (a fused qkv <-> to_q / to_k / to_v).
-Row = tuple[str, tuple[str, ...], tuple[int, ...]]
-
-
-def _linear_rows(ours: str, theirs: str) -> list[Row]:
-    return [(f"{ours}.{s}", (f"{theirs}.{s}",), ()) for s in ("weight", "bias")]
-
-
-def export_layout(sd: Mapping[str, Tensor], rows: list[Row], source: str) -> dict[str, Tensor]:
-    """Our state dict -> the rows' layout; every key of ``sd`` must be covered by a row."""
-    out: dict[str, Tensor] = {}
-    for ours, theirs, split in rows:
-        if ours not in sd:
-            raise ValueError(f"{source} state dict lacks {ours!r}")
-        parts = sd[ours].split(list(split), dim=0) if len(theirs) > 1 else (sd[ours],)
-        out.update(zip(theirs, parts))
-    unused = sorted(set(sd) - {ours for ours, _, _ in rows})
-    if unused:
-        raise ValueError(f"{source} state dict has keys no layout row covers: {unused}")
-    return out
-
-
-def import_layout(sd: Mapping[str, Tensor], rows: list[Row]) -> dict[str, Tensor]:
-    """The rows' layout -> our state dict (keys and shapes already checked by ``check_layout``)."""
-    return {ours: sd[theirs[0]] if len(theirs) == 1 else torch.cat([sd[k] for k in theirs]) for ours, theirs, _ in rows}
-
 
 # Lumina-Image-2.0 NextDiT keys = ours, but for the Sequential index of the AdaLN Linears.
 _OURS_TO_LUMINA2 = ((r"adaLN_modulation\.proj\.1\.", "adaLN_modulation.1."),)

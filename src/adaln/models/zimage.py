@@ -43,23 +43,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaln.checks import check_int
-from adaln.models._layout import check_layout
-from adaln.models.lumina2 import (
-    NextDiTBlock,
-    NextDiTFinalLayer,
-    Row,
-    _cat_freqs,
-    _caption_ids,
-    _check_inputs,
-    _image_ids,
-    _linear_rows,
+from adaln.models._layout import Row, check_layout, export_layout, import_layout, linear_rows
+from adaln.models._next_dit import (
+    caption_ids,
+    cat_freqs,
+    check_config,
+    check_inputs,
     compact_captions,
-    export_layout,
-    import_layout,
+    image_ids,
     patchify,
     unpatchify,
 )
+from adaln.models.lumina2 import NextDiTBlock, NextDiTFinalLayer
 from adaln.nn.adaln import AdaLN, AdaLNZero
 from adaln.nn.embeddings import timestep_embedding
 from adaln.nn.rope import RotaryEmbedding
@@ -136,21 +131,11 @@ class ZImage(nn.Module):
         timestep_hidden: int = TIMESTEP_HIDDEN,
     ) -> None:
         super().__init__()
-        for name, v in (("patch_size", patch_size), ("in_channels", in_channels), ("hidden_size", hidden_size),
-                        ("depth", depth), ("num_heads", num_heads), ("context_dim", context_dim),
-                        ("timestep_hidden", timestep_hidden)):  # fmt: skip
-            check_int(v, name)
-        check_int(num_refiner_layers, "num_refiner_layers", minimum=0)
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
-        axes_dim, axes_lens = tuple(axes_dim), tuple(axes_lens)
-        if len(axes_dim) != 3 or sum(axes_dim) != hidden_size // num_heads:
-            raise ValueError(
-                f"axes_dim must be 3 RoPE widths (caption, row, column) summing to the head width "
-                f"hidden_size // num_heads = {hidden_size // num_heads}, got {axes_dim}"
-            )
-        if not norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {norm_eps!r}")
+        axes_dim = check_config(
+            hidden_size, num_heads, num_refiner_layers, axes_dim, norm_eps, patch_size=patch_size,
+            in_channels=in_channels, depth=depth, context_dim=context_dim, timestep_hidden=timestep_hidden,
+        )
+        axes_lens = tuple(axes_lens)
         self.patch_size, self.in_channels, self.out_channels = patch_size, in_channels, in_channels
         self.hidden_size, self.depth, self.num_refiner_layers = hidden_size, depth, num_refiner_layers
         self.num_heads, self.context_dim, self.norm_eps, self.qk_norm = num_heads, context_dim, norm_eps, bool(qk_norm)
@@ -214,7 +199,7 @@ class ZImage(nn.Module):
         guidance: Tensor | None = None,
     ) -> Tensor:
         """x (B, C, H, W), t (B,), context (B, L, context_dim), context_mask (B, L) bool -> (B, C, H, W)."""
-        t, mask = _check_inputs(self, "Z-Image", x, t, context, pooled, context_mask, guidance)
+        t, mask = check_inputs(self, "Z-Image", x, t, context, pooled, context_mask, guidance)
         b, p, d = x.shape[0], self.patch_size, self.hidden_size
         h, w = x.shape[2] // p, x.shape[3] // p
         n, length = h * w, context.shape[1]
@@ -229,12 +214,12 @@ class ZImage(nn.Module):
         active = slot < padded_len[:, None]  # (B, slots): real or pad token; the rest are masked
         cap = self.cap_embedder(F.pad(context, (0, 0, 0, slots - length)))  # (B, slots, D)
         cap = torch.where((slot < cap_len[:, None])[..., None], cap, self.cap_pad_token.to(cap.dtype))
-        cap_freqs = self.rope(_caption_ids(slots, 1, x.device))  # slot j at (1 + j, 0, 0)
+        cap_freqs = self.rope(caption_ids(slots, 1, x.device))  # slot j at (1 + j, 0, 0)
 
         img_pad = _ceil_to(n, SEQ_MULTI_OF) - n  # x_pad_token copies at (0, 0, 0)
         tokens = self.x_embedder(patchify(x, p))  # (B, N, D)
         tokens = torch.cat([tokens, self.x_pad_token.to(tokens.dtype).expand(b, img_pad, d)], dim=1)
-        img_ids = torch.cat([_image_ids(padded_len + 1, h, w), cap_len.new_zeros(b, img_pad, 3)], dim=1)
+        img_ids = torch.cat([image_ids(padded_len + 1, h, w), cap_len.new_zeros(b, img_pad, 3)], dim=1)
         img_freqs = self.rope(img_ids)
 
         for block in self.noise_refiner:
@@ -244,7 +229,7 @@ class ZImage(nn.Module):
             cap = block(cap, cap_freqs, refine_keep)
         unified = torch.cat([tokens, cap], dim=1)  # diffusers' order: [image; caption]
         keep = torch.cat([active.new_ones(b, n + img_pad), active], dim=1)
-        freqs = _cat_freqs(img_freqs, cap_freqs)
+        freqs = cat_freqs(img_freqs, cap_freqs)
         for block in self.layers:
             unified = block(unified, freqs, keep, c)
         return unpatchify(self.final_layer(unified[:, :n], c), h, w, p, self.out_channels)
@@ -298,10 +283,10 @@ class ZImage(nn.Module):
             ("cap_pad_token", ("cap_pad_token",), ()),
             ("cap_embedder.0.weight", ("cap_embedder.0.weight",), ()),
         ]
-        rows += _linear_rows("x_embedder", f"all_x_embedder.{patch}")
-        rows += _linear_rows("t_embedder.mlp.0", "t_embedder.mlp.0")
-        rows += _linear_rows("t_embedder.mlp.2", "t_embedder.mlp.2")
-        rows += _linear_rows("cap_embedder.1", "cap_embedder.1")
+        rows += linear_rows("x_embedder", f"all_x_embedder.{patch}")
+        rows += linear_rows("t_embedder.mlp.0", "t_embedder.mlp.0")
+        rows += linear_rows("t_embedder.mlp.2", "t_embedder.mlp.2")
+        rows += linear_rows("cap_embedder.1", "cap_embedder.1")
         split = self.layers[0].attention.split  # (q, k, v) rows of the fused projection
         for group, n, modulated in (("noise_refiner", self.num_refiner_layers, True),
                                     ("context_refiner", self.num_refiner_layers, False),
@@ -321,9 +306,9 @@ class ZImage(nn.Module):
                         "feed_forward.w2", "feed_forward.w3")  # fmt: skip
                 rows += [(p + f"{m}.weight", (p + f"{m}.weight",), ()) for m in same]
                 if modulated:
-                    rows += _linear_rows(p + "adaLN_modulation.proj.1", p + "adaLN_modulation.0")
-        rows += _linear_rows("final_layer.adaLN_modulation.proj.1", f"all_final_layer.{patch}.adaLN_modulation.1")
-        rows += _linear_rows("final_layer.linear", f"all_final_layer.{patch}.linear")
+                    rows += linear_rows(p + "adaLN_modulation.proj.1", p + "adaLN_modulation.0")
+        rows += linear_rows("final_layer.adaLN_modulation.proj.1", f"all_final_layer.{patch}.adaLN_modulation.1")
+        rows += linear_rows("final_layer.linear", f"all_final_layer.{patch}.linear")
         return rows
 
 
