@@ -3,12 +3,14 @@ Flux, PixArt-alpha, Lumina 2, Z-Image) trained from scratch with the same preset
 objective, scored on held-out phrasings.
 
 For each ``--archs`` entry: train the ``digits-text`` preset with ``model.arch=ARCH`` and ``--set``
-overrides (default ``objective=flow``) into ``OUT/ARCH`` (reused when finished), evaluate at each
+overrides (default ``objective=flow``) into ``OUT/ARCH`` (reused when finished); ``dit:pooled`` and
+``dit:tokens`` are ConditionalDiT with ``text.variant`` pooled (AdaLN only) or tokens (cross-attention only),
+trained into ``OUT/dit-pooled`` / ``OUT/dit-tokens``. Then evaluate at each
 ``--cfgs`` with ``--solver``/``--steps``, count parameters, and time one training step (forward, loss,
 backward, AdamW) of each model in this process on the same batch, as a ratio to the first arch.
 Writes ``OUT/text_systems.md`` and ``OUT/text_systems.json``.
 
-    python benchmarks/text_systems.py --out runs/text_systems [--archs dit mmdit flux pixart lumina2 zimage]
+    python benchmarks/text_systems.py --out runs/text_systems [--archs dit dit:pooled mmdit flux pixart lumina2 zimage]
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ from adaln.engine.config import parse_overrides
 from adaln.outputs import write_json, write_text
 from adaln.tasks import load_config, load_run
 from adaln.tasks.text_digits import score
+
+
+def arch_overrides(entry: str) -> dict:
+    """``ARCH`` or ``dit:VARIANT`` -> the config overrides it names."""
+    arch, _, variant = entry.partition(":")
+    if variant and arch != "dit":
+        raise SystemExit(f"--archs: only dit takes a text variant (dit:pooled, dit:tokens), got {entry!r}")
+    return {"model.arch": arch, **({"text.variant": variant} if variant else {})}
 
 
 def train(run_dir: Path, overrides: dict) -> None:
@@ -55,7 +65,8 @@ def step_seconds(overrides: dict, reps: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/text_systems")
-    p.add_argument("--archs", nargs="+", default=["dit", "mmdit", "flux", "pixart", "lumina2", "zimage"])
+    p.add_argument("--archs", nargs="+",
+                   default=["dit", "dit:pooled", "dit:tokens", "mmdit", "flux", "pixart", "lumina2", "zimage"])
     p.add_argument("--set", nargs="*", default=["objective=flow"], metavar="KEY=VALUE")
     p.add_argument("--cfgs", type=float, nargs="+", default=[1.0, 1.5])
     p.add_argument("--solver", default="dpm++2m")
@@ -69,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     common = {**parse_overrides(args.set), **({"threads": args.threads} if args.threads else {})}
     rows = []
     for arch in args.archs:
-        ov = {**common, "model.arch": arch}
+        ov = {**common, **arch_overrides(arch)}
+        run_dir = out / arch.replace(":", "-")
         t0 = time.perf_counter()
-        train(out / arch, ov)
+        train(run_dir, ov)
         trained_s = time.perf_counter() - t0
-        run = load_run(out / arch, device="cpu")
+        run = load_run(run_dir, device="cpu")
         row = {"arch": arch, "parameters": sum(q.numel() for q in run.model.parameters()),
                "train_seconds": round(trained_s, 1)}
         for w in args.cfgs:
