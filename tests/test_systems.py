@@ -64,3 +64,28 @@ def test_system_velocity_applies_time_and_sign_and_sees_through_wrappers():
     assert torch.equal(SystemVelocity(Wrapper(model))(x, sigma, context=ctx), out)
     with pytest.raises(TypeError, match="not a converted system"):
         SystemVelocity(nn.Linear(2, 2))
+
+
+SYSTEM_ARCHS = ("mmdit", "flux", "pixart", "lumina2", "zimage")
+
+
+@pytest.mark.parametrize("arch", SYSTEM_ARCHS)
+def test_every_system_checks_placement_and_caption_length_at_the_boundary(arch):
+    from adaln.tasks.text_digits import TextModelConfig, build_system
+
+    model = build_system(TextModelConfig(arch=arch), 16).eval()
+    x, t, context = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.7]), torch.randn(2, 3, 16)
+    kw = dict(context=context, pooled=torch.randn(2, 16)) if arch in ("mmdit", "flux") else dict(context=context)
+    with pytest.raises(ValueError, match="x is on meta but the model's parameters are on cpu"):
+        model(x.to("meta"), t, **kw)
+    with pytest.raises(ValueError, match="context is on meta but the model's parameters are on cpu"):
+        model(x, t, **{**kw, "context": context.to("meta")})
+    with pytest.raises(ValueError, match=r"t must have shape \(B,\) = \(2,\)"):
+        model(x, t[:1].expand(3), **kw)
+    empty = {**kw, "context": context[:, :0]}
+    if arch in ("mmdit", "flux"):  # joint attention always has the image's own keys: an empty caption is valid
+        with torch.no_grad():
+            assert model(x, t, **empty).isfinite().all()
+    else:
+        with pytest.raises(ValueError, match=r"context must have shape \(B, L, 16\) with B = 2 and L >= 1"):
+            model(x, t, **empty)

@@ -9,7 +9,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from adaln.checks import check_int, check_tensor
+from adaln.checks import check_int
+from adaln.models._inputs import (
+    check_features,
+    check_latents,
+    check_per_sample,
+    check_placement,
+    check_token_mask,
+    check_unused,
+)
 
 
 #################################################################################
@@ -113,53 +121,10 @@ def check_inputs(
 
     ``model`` has ``patch_size``, ``in_channels``, ``context_dim`` and an ``x_embedder`` Linear.
     """
-    for name, value in (("pooled", pooled), ("guidance", guidance)):
-        if value is not None:
-            raise ValueError(f"{name} must be None: {system} takes no {name} input")
-    p, c = model.patch_size, model.in_channels
-    check_tensor(x, "x")
-    if x.dim() != 4 or x.shape[1] != c or x.shape[2] % p or x.shape[3] % p or 0 in x.shape[2:]:
-        raise ValueError(f"x must have shape (B, {c}, H, W) with H and W multiples of {p}, got {tuple(x.shape)}")
-    b = x.shape[0]
-    weight = model.x_embedder.weight
-    if x.device != weight.device:
-        raise ValueError(f"x is on {x.device} but the model's parameters are on {weight.device}")
-    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-    if x.dtype != weight.dtype and not autocast:
-        raise TypeError(
-            f"x has dtype {x.dtype} but the model's parameters are {weight.dtype}: cast one to the other, "
-            "or call the model under torch.autocast"
-        )
-    if isinstance(t, (int, float)) and not isinstance(t, bool):
-        t = torch.tensor(float(t), device=x.device)
-    if not isinstance(t, Tensor) or t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"t must be a real torch.Tensor of shape (B,) or a number, got {type(t).__name__}")
-    if t.dim() == 0:
-        t = t.expand(b)
-    if tuple(t.shape) != (b,):
-        raise ValueError(f"t must have shape (B,) = ({b},) or be a scalar, got {tuple(t.shape)}")
-    if t.device != x.device:
-        raise ValueError(f"t is on {t.device} but x is on {x.device}")
-    width = model.context_dim
-    if context is None:
-        raise ValueError(f"context is required: the caption features, shape (B, L, {width}) with B = {b}")
-    check_tensor(context, "context")
-    if context.dim() != 3 or context.shape[0] != b or context.shape[2] != width or context.shape[1] < 1:
-        raise ValueError(
-            f"context must have shape (B, L, context_dim) = ({b}, L, {width}) with L >= 1, got {tuple(context.shape)}"
-        )
-    if context.device != x.device:
-        raise ValueError(f"context is on {context.device} but x is on {x.device}")
-    if context_mask is None:
-        return t, None
-    if not isinstance(context_mask, Tensor) or context_mask.dtype != torch.bool:
-        got = context_mask.dtype if isinstance(context_mask, Tensor) else type(context_mask).__name__
-        raise TypeError(f"context_mask must be a bool tensor (True = keep the token), got {got}")
-    if tuple(context_mask.shape) != tuple(context.shape[:2]):
-        raise ValueError(
-            f"context_mask must have shape (B, L) = {tuple(context.shape[:2])} to match context, "
-            f"got {tuple(context_mask.shape)}"
-        )
-    if context_mask.device != x.device:
-        raise ValueError(f"context_mask is on {context_mask.device} but x is on {x.device}")
+    check_unused(system, pooled=pooled, guidance=guidance)
+    b, _, _ = check_latents(x, model.in_channels, model.patch_size)
+    t = check_per_sample(t, "t", b, x.device)
+    context = check_features(context, "context", b, model.context_dim, tokens=True)
+    context_mask = check_token_mask(context_mask, context)
+    check_placement(model.x_embedder.weight, x, t=t, context=context, context_mask=context_mask)
     return t, context_mask

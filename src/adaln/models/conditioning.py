@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from adaln.checks import check_tensor
 from adaln.diffusion import EDMPrecond
+from adaln.models._inputs import check_token_mask
 from adaln.models.dit import DiTBase, EDMTimestep
 from adaln.nn.adaln import AdaLNZero
 from adaln.nn.attention import Attention, CrossAttention
@@ -142,16 +143,7 @@ class TokenEmbedder(nn.Module):
                 f"tokens must have shape (B, M, token_dim) = ({batch}, M, {self.token_dim}), "
                 f"got {tuple(tokens.shape)}"
             )
-        if mask is None:
-            return
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-            raise TypeError(f"token_mask must be a bool tensor (True = real token), got {got}")
-        if tuple(mask.shape) != tuple(tokens.shape[:2]):
-            raise ValueError(
-                f"token_mask must have shape (B, M) = {tuple(tokens.shape[:2])} to match tokens "
-                f"{tuple(tokens.shape)}, got {tuple(mask.shape)}"
-            )
+        check_token_mask(mask, tokens, "token_mask", "tokens")
 
     def forward(
         self,

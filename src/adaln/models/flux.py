@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaln.checks import check_int, check_tensor, compute_dtype
+from adaln.checks import check_int, compute_dtype
+from adaln.models._inputs import check_features, check_latents, check_per_sample, check_placement, check_token_mask
 from adaln.models._layout import check_layout, check_state_dict
 from adaln.models.conditioning import VectorEmbedder
 from adaln.nn.adaln import (
@@ -353,51 +354,22 @@ class Flux(nn.Module):
         self, x: object, t: object, context: object, pooled: object, context_mask: object, guidance: object
     ) -> tuple[Tensor, Tensor | None]:
         """Every argument against the calling convention; returns t and guidance as (B,)."""
-        check_tensor(x, "x")
-        p, c = self.patch_size, self.in_channels
-        if x.dim() != 4 or x.shape[1] != c:
-            raise ValueError(f"x must have shape (B, {c}, H, W), got {tuple(x.shape)}")
-        hw = tuple(x.shape[2:])
-        if self.input_size is not None and hw != self.input_size:
+        c = self.in_channels
+        b, _, _ = check_latents(x, c, self.patch_size)
+        if self.input_size is not None and tuple(x.shape[2:]) != self.input_size:
             sh, sw = self.input_size
             raise ValueError(f"x must have shape (B, {c}, {sh}, {sw}), got {tuple(x.shape)}")
-        if any(s % p or s == 0 for s in hw):
-            raise ValueError(f"x's H and W must be positive multiples of patch_size {p} (2x2 packing), got {hw}")
-        b = x.shape[0]
-        t = _per_sample(t, "t", b, x.device)
+        t = check_per_sample(t, "t", b, x.device)
         if self.guidance_embeds and guidance is None:
             raise ValueError(f"guidance is required: this Flux has guidance_embeds (FLUX.1-dev); expected ({b},)")
         if not self.guidance_embeds and guidance is not None:
             raise ValueError("guidance must be None: this Flux has no guidance embedding (guidance_embeds=False)")
-        guidance = None if guidance is None else _per_sample(guidance, "guidance", b, x.device)
-        for name, value, width in (("context", context, self.context_dim), ("pooled", pooled, self.pooled_dim)):
-            shape = f"(B, L, {width})" if name == "context" else f"(B, {width})"
-            if value is None:
-                raise ValueError(f"{name} is required: expected shape {shape} with B = {b}")
-            check_tensor(value, name)
-            dims = 3 if name == "context" else 2
-            if value.dim() != dims or value.shape[0] != b or value.shape[-1] != width:
-                raise ValueError(f"{name} must have shape {shape} with B = {b}, got {tuple(value.shape)}")
-        if context_mask is not None:
-            if not isinstance(context_mask, Tensor) or context_mask.dtype != torch.bool:
-                kind = context_mask.dtype if isinstance(context_mask, Tensor) else type(context_mask).__name__
-                raise TypeError(f"context_mask must be a bool tensor (True = keep), got {kind}")
-            if tuple(context_mask.shape) != (b, context.shape[1]):
-                raise ValueError(
-                    f"context_mask must have shape (B, L) = {(b, context.shape[1])}, got {tuple(context_mask.shape)}"
-                )
-        weight = self.x_embedder.weight
-        named = (("x", x), ("t", t), ("context", context), ("pooled", pooled), ("context_mask", context_mask),
-                 ("guidance", guidance))  # fmt: skip
-        for name, value in named:
-            if value is not None and value.device != weight.device:
-                raise ValueError(f"{name} is on {value.device} but the model's parameters are on {weight.device}")
-        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-        if x.dtype != weight.dtype and not autocast:
-            raise TypeError(
-                f"x has dtype {x.dtype} but the model's parameters are {weight.dtype}: cast one to the other, "
-                "or call the model under torch.autocast"
-            )
+        guidance = None if guidance is None else check_per_sample(guidance, "guidance", b, x.device)
+        context = check_features(context, "context", b, self.context_dim, tokens=True, min_length=0)
+        pooled = check_features(pooled, "pooled", b, self.pooled_dim, tokens=False)
+        context_mask = check_token_mask(context_mask, context)
+        check_placement(self.x_embedder.weight, x, t=t, context=context, pooled=pooled, context_mask=context_mask,
+                        guidance=guidance)  # fmt: skip
         return t, guidance
 
     def extra_repr(self) -> str:
@@ -465,19 +437,6 @@ def _pair(size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:
     if len(hw) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 or s % patch_size for s in hw):
         raise ValueError(f"sample_size must be an int or (H, W), multiples of patch_size {patch_size}: {size!r}")
     return hw
-
-
-def _per_sample(v: object, name: str, b: int, device: torch.device) -> Tensor:
-    """A number, a 0-dim tensor (broadcast) or a (B,) real tensor -> (B,)."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        v = torch.tensor(float(v), device=device)
-    if not isinstance(v, Tensor) or v.dtype == torch.bool or v.is_complex():
-        raise TypeError(f"{name} must be a real torch.Tensor (or a number), got {type(v).__name__}")
-    if v.dim() == 0:
-        v = v.expand(b)
-    if tuple(v.shape) != (b,):
-        raise ValueError(f"{name} must have shape (B,) = ({b},) or be a scalar, got {tuple(v.shape)}")
-    return v
 
 
 #################################################################################

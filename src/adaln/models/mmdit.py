@@ -46,7 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaln.checks import check_int, check_tensor
+from adaln.checks import check_int
+from adaln.models._inputs import (
+    check_features,
+    check_latents,
+    check_per_sample,
+    check_placement,
+    check_unused,
+)
 from adaln.models._layout import check_layout
 from adaln.models.conditioning import VectorEmbedder
 from adaln.nn.adaln import (
@@ -354,46 +361,18 @@ class MMDiT(nn.Module):
         skip_layers: object,
     ) -> tuple[Tensor, frozenset[int]]:
         """Every argument against the calling convention; returns t as (B,) and the blocks to skip."""
-        for name, value in (("context_mask", context_mask), ("guidance", guidance)):
-            if value is not None:
-                raise ValueError(f"{name} must be None: SD3's MMDiT takes no {name} (its joint attention is unmasked)")
-        p, m = self.patch_size, self.pos_embed_max_size
-        check_tensor(x, "x")
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        hw = tuple(x.shape[2:])
-        if any(s % p or not 0 < s // p <= m for s in hw):
+        check_unused("SD3's MMDiT", " (its joint attention is unmasked)", context_mask=context_mask, guidance=guidance)
+        b, h, w = check_latents(x, self.in_channels, self.patch_size)
+        m = self.pos_embed_max_size
+        if not (h <= m and w <= m):
             raise ValueError(
-                f"x's H and W must be multiples of patch_size {p} with at most pos_embed_max_size={m} patches "
-                f"each (<= {m * p}), got {hw}"
+                f"x's H and W must be at most pos_embed_max_size={m} patches each (<= {m * self.patch_size}), "
+                f"got {tuple(x.shape[2:])}"
             )
-        b = x.shape[0]
-        if isinstance(t, (int, float)) and not isinstance(t, bool):
-            t = torch.tensor(float(t), device=x.device)
-        if not isinstance(t, Tensor) or t.dtype == torch.bool or t.is_complex():
-            raise TypeError(f"t must be a real torch.Tensor (or a number), got {type(t).__name__}")
-        if t.dim() == 0:
-            t = t.expand(b)
-        if tuple(t.shape) != (b,):
-            raise ValueError(f"t must have shape (B,) = ({b},) or be a scalar, got {tuple(t.shape)}")
-        for name, value, width in (("context", context, self.context_dim), ("pooled", pooled, self.pooled_dim)):
-            shape = f"(B, L, {width})" if name == "context" else f"(B, {width})"
-            if value is None:
-                raise ValueError(f"{name} is required: expected shape {shape} with B = {b}")
-            check_tensor(value, name)
-            dims = 3 if name == "context" else 2
-            if value.dim() != dims or value.shape[0] != b or value.shape[-1] != width:
-                raise ValueError(f"{name} must have shape {shape} with B = {b}, got {tuple(value.shape)}")
-        weight = self.x_embedder.proj.weight
-        for name, value in (("x", x), ("t", t), ("context", context), ("pooled", pooled)):
-            if value.device != weight.device:
-                raise ValueError(f"{name} is on {value.device} but the model's parameters are on {weight.device}")
-        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-        if x.dtype != weight.dtype and not autocast:
-            raise TypeError(
-                f"x has dtype {x.dtype} but the model's parameters are {weight.dtype}: cast one to the other, "
-                "or call the model under torch.autocast"
-            )
+        t = check_per_sample(t, "t", b, x.device)
+        context = check_features(context, "context", b, self.context_dim, tokens=True, min_length=0)
+        pooled = check_features(pooled, "pooled", b, self.pooled_dim, tokens=False)
+        check_placement(self.x_embedder.proj.weight, x, t=t, context=context, pooled=pooled)
         if skip_layers is None:
             return t, frozenset()
         if isinstance(skip_layers, (str, bytes)) or not isinstance(skip_layers, Sequence):

@@ -37,9 +37,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adaln.checks import check_int, check_tensor, compute_dtype
+from adaln.checks import check_int, compute_dtype
 from adaln.diffusion import VPEpsDenoiser
 from adaln.functional import gate_residual, norm_modulate
+from adaln.models._inputs import (
+    check_features,
+    check_latents,
+    check_per_sample,
+    check_placement,
+    check_token_mask,
+    check_unused,
+)
 from adaln.models._layout import check_layout, check_state_dict, rename_key
 from adaln.nn.adaln import AdaLNSingle, AdaLNSingleTable
 from adaln.nn.attention import Attention, CrossAttention
@@ -317,11 +325,16 @@ class PixArt(nn.Module):
         aspect_ratio: Tensor | None = None,
     ) -> Tensor:
         """x (B, C, H, W), t (B,) DDPM timesteps (flow: ``flow_timestep``) -> (B, out_channels, H, W)."""
-        b, h, w = self._check_x(x)
-        t = self._check_t(t, b, x.device)
-        self._check_unused(pooled=pooled, guidance=guidance)
-        context, keep = self._check_context(context, context_mask, b, x.device)
-        self._check_sizes(resolution, aspect_ratio, b, x.device)
+        check_unused("PixArt-alpha", pooled=pooled, guidance=guidance)
+        b, h, w = check_latents(x, self.in_channels, self.patch_size)
+        t = check_per_sample(t, "t", b, x.device)
+        context = check_features(context, "context", b, self.context_dim, tokens=True)
+        keep = check_token_mask(context_mask, context)
+        self._check_sizes(resolution, aspect_ratio, b)
+        check_placement(self.x_embedder.proj.weight, x, t=t, context=context, context_mask=keep,
+                        resolution=resolution, aspect_ratio=aspect_ratio)  # fmt: skip
+        if keep is None:
+            keep = torch.ones(context.shape[:2], dtype=torch.bool, device=x.device)
 
         tokens = self.x_embedder(x)  # (B, N, D)
         pos = self.pos_embed if (h, w) == (self.base_size, self.base_size) else pixart_pos_embed(
@@ -362,77 +375,11 @@ class PixArt(nn.Module):
 
     # ---- input checks: every error names the argument and what was expected ----------------------
 
-    def _check_x(self, x: object) -> tuple[int, int, int]:
-        """x (B, C, H, W) floating, H and W multiples of patch_size; returns (B, H / p, W / p)."""
-        check_tensor(x, "x")
-        p, c = self.patch_size, self.in_channels
-        if x.dim() != 4 or x.shape[1] != c or x.shape[2] % p or x.shape[3] % p:
-            raise ValueError(f"x must have shape (B, {c}, H, W) with H and W multiples of {p}, got {tuple(x.shape)}")
-        weight = self.x_embedder.proj.weight
-        if x.device != weight.device:
-            raise ValueError(f"x is on {x.device} but the model's parameters are on {weight.device}")
-        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-        if x.dtype != weight.dtype and not autocast:
-            raise TypeError(
-                f"x has dtype {x.dtype} but the model's parameters are {weight.dtype}: cast one to the other, "
-                f"or call the model under torch.autocast"
-            )
-        return x.shape[0], x.shape[2] // p, x.shape[3] // p
-
-    @staticmethod
-    def _check_t(t: object, b: int, device: torch.device) -> Tensor:
-        """t (B,) real, or a scalar broadcast to (B,)."""
-        if isinstance(t, (int, float)) and not isinstance(t, bool):
-            return torch.full((b,), float(t), device=device)
-        if not isinstance(t, Tensor) or t.dtype == torch.bool or t.is_complex():
-            raise TypeError(f"t must be a real torch.Tensor of shape (B,) or a number, got {type(t).__name__}")
-        if t.dim() == 0:
-            t = t.expand(b)
-        if tuple(t.shape) != (b,):
-            raise ValueError(f"t must have shape (B,) = ({b},) or be a scalar, got {tuple(t.shape)}")
-        if t.device != device:
-            raise ValueError(f"t is on {t.device} but x is on {device}")
-        return t
-
-    @staticmethod
-    def _check_unused(**arguments: object) -> None:
-        for name, value in arguments.items():
-            if value is not None:
-                raise ValueError(f"{name} must be None: PixArt-alpha takes no {name} input")
-
-    def _check_context(
-        self, context: object, mask: object, b: int, device: torch.device
-    ) -> tuple[Tensor, Tensor]:
-        """context (B, L, context_dim) floating; mask (B, L) bool (True = keep) or None (all kept)."""
-        if context is None:
-            raise ValueError(f"context is required: the caption tokens, shape (B, L, {self.context_dim})")
-        check_tensor(context, "context")
-        if context.dim() != 3 or context.shape[0] != b or context.shape[2] != self.context_dim:
-            raise ValueError(
-                f"context must have shape (B, L, context_dim) = ({b}, L, {self.context_dim}), "
-                f"got {tuple(context.shape)}"
-            )
-        if context.device != device:
-            raise ValueError(f"context is on {context.device} but x is on {device}")
-        if mask is None:
-            return context, torch.ones(context.shape[:2], dtype=torch.bool, device=device)
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-            raise TypeError(f"context_mask must be a bool tensor (True = keep the token), got {got}")
-        if tuple(mask.shape) != tuple(context.shape[:2]):
-            raise ValueError(
-                f"context_mask must have shape (B, L) = {tuple(context.shape[:2])} to match context, "
-                f"got {tuple(mask.shape)}"
-            )
-        if mask.device != device:
-            raise ValueError(f"context_mask is on {mask.device} but x is on {device}")
-        return context, mask
-
-    def _check_sizes(self, resolution: object, aspect_ratio: object, b: int, device: torch.device) -> None:
+    def _check_sizes(self, resolution: object, aspect_ratio: object, b: int) -> None:
         """With size conditioning: resolution (B, 2) (h, w) and aspect_ratio (B,) or (B, 1); else neither."""
         given = {"resolution": resolution, "aspect_ratio": aspect_ratio}
         if not self.size_conditioning:
-            self._check_unused(**given)
+            check_unused("this PixArt-alpha (size_conditioning=False)", **given)
             return
         shapes = {"resolution": ((b, 2),), "aspect_ratio": ((b,), (b, 1))}
         for name, value in given.items():
@@ -443,8 +390,6 @@ class PixArt(nn.Module):
                 raise TypeError(f"{name} must be a real torch.Tensor of shape {wanted}, got {type(value).__name__}")
             if tuple(value.shape) not in shapes[name]:
                 raise ValueError(f"{name} must have shape {wanted}, got {tuple(value.shape)}")
-            if value.device != device:
-                raise ValueError(f"{name} is on {value.device} but x is on {device}")
 
     # ---- checkpoint layouts ------------------------------------------------------------------------
 
