@@ -6,14 +6,17 @@ The whole smoke run takes about a minute on two busy CPU cores, so the tests rea
 the correctness-only runs (a wrong kernel, a spent budget) are not.
 """
 
+import dataclasses
 import json
 import math
+import time
 
 import pytest
 import torch
 
 from adaln import kernels
 from adaln.bench import cases
+from adaln.bench import gpu_report
 from adaln.bench.gpu_report import SECTIONS, main
 
 ALL = [s.key for s in SECTIONS]
@@ -108,14 +111,31 @@ def test_a_wrong_kernel_fails_the_report_and_is_listed_first(tmp_path, monkeypat
     assert first.startswith("- **2. Correctness on the device** · norm_modulate")
 
 
-def test_a_spent_budget_cuts_the_section_off(tmp_path):
-    rc = main(["--out", str(tmp_path), "--smoke", "--sections", "kernel_correctness", "--budget", "5"])
+def test_a_spent_budget_cuts_the_section_off(tmp_path, monkeypatch):
+    """Two sections that cannot finish in their slices, whatever the machine's speed: one loops over
+    slow items through ``Context.within`` (it stops and says how many were left), one blocks past its
+    slice (the hard limit cuts it off). The run still ends within the budget and writes the report."""
+
+    def slow_items(ctx, sec):
+        for _ in ctx.within(sec, range(1000), "items"):
+            time.sleep(0.25)
+
+    def stuck(ctx, sec):
+        time.sleep(600)
+
+    runs = {"kernel_correctness": slow_items, "host_syncs": stuck}
+    specs = tuple(dataclasses.replace(s, run=runs[s.key]) if s.key in runs else s for s in gpu_report.SECTIONS)
+    monkeypatch.setattr(gpu_report, "SECTIONS", specs)
+    rc = main(["--out", str(tmp_path), "--smoke", "--sections", "kernel_correctness,host_syncs", "--budget", "8"])
     report, md = read(tmp_path)
-    sec = section(report, "kernel_correctness")
-    assert rc == 0 and (sec["status"] == "timed_out" or any("not run" in n for n in sec["notes"]))
-    assert sec["seconds"] <= sec["slice_s"] + 1.0
-    assert report["wall_s"] < 5 + 2.0
-    assert "## 2. Correctness on the device" in md
+    cut, blocked = section(report, "kernel_correctness"), section(report, "host_syncs")
+    assert rc == 0
+    assert any(n.startswith("of 1000 items not run", n.index(" ") + 1) for n in cut["notes"]), cut["notes"]
+    assert blocked["status"] == "timed_out" and any("cut off" in n for n in blocked["notes"]), blocked
+    for sec in (cut, blocked):
+        assert sec["seconds"] <= sec["slice_s"] + 1.0
+    assert report["wall_s"] < 8 + 2.0
+    assert "## 2. Correctness on the device" in md and "## 6. Host syncs" in md
 
 
 def test_bad_usage():
