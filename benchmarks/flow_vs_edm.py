@@ -12,30 +12,17 @@ Writes ``OUT/flow_vs_edm.md`` (the table) and ``OUT/flow_vs_edm.json``.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
-from adaln.engine import fit
-from adaln.engine.checkpoint import list_checkpoints
+from adaln.bench.training import train_preset
 from adaln.engine.config import parse_overrides
 from adaln.outputs import write_json, write_text
-from adaln.tasks import load_config, load_run
+from adaln.tasks import load_run
 from adaln.tasks.digits import DigitsTask
 
 SOLVERS = ("euler", "heun", "dpm++2m")
-
-
-def train(run_dir: Path, overrides: dict) -> float:
-    """Train the digits preset with ``overrides`` unless ``run_dir`` already holds its final step."""
-    task, cfg = load_config("digits", overrides)
-    done = list_checkpoints(run_dir)
-    if done and int(done[-1].name.split("_")[-1]) >= cfg.steps:
-        return 0.0
-    t0 = time.perf_counter()
-    fit(task, cfg, run_dir, resume=bool(done), progress=False)
-    return time.perf_counter() - t0
 
 
 def steps_for(solver: str, budget: int) -> int:
@@ -60,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     both = {**parse_overrides(args.set), **({"threads": args.threads} if args.threads else {})}
     runs = {"edm": both, "flow": {**both, "objective": "flow", **parse_overrides(args.flow_set)}}
-    seconds = {name: round(train(out / name, ov), 1) for name, ov in runs.items()}
+    seconds = {name: round(train_preset("digits", out / name, ov), 1) for name, ov in runs.items()}
     rows = []
     for name in runs:
         run = load_run(out / name, device="cpu")

@@ -16,16 +16,14 @@ Writes ``OUT/text_systems.md`` and ``OUT/text_systems.json``.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
-from adaln.engine import fit
-from adaln.engine.checkpoint import list_checkpoints
+from adaln.bench.training import train_preset, train_step_seconds
 from adaln.engine.config import parse_overrides
 from adaln.outputs import write_json, write_text
-from adaln.tasks import load_config, load_run
+from adaln.tasks import load_run
 from adaln.tasks.text_digits import score
 
 
@@ -35,31 +33,6 @@ def arch_overrides(entry: str) -> dict:
     if variant and arch != "dit":
         raise SystemExit(f"--archs: only dit takes a text variant (dit:pooled, dit:tokens), got {entry!r}")
     return {"model.arch": arch, **({"text.variant": variant} if variant else {})}
-
-
-def train(run_dir: Path, overrides: dict) -> None:
-    task, cfg = load_config("digits-text", overrides)
-    done = list_checkpoints(run_dir)
-    if done and int(done[-1].name.split("_")[-1]) >= cfg.steps:
-        return
-    fit(task, cfg, run_dir, resume=bool(done), progress=False)
-
-
-def step_seconds(overrides: dict, reps: int) -> float:
-    """Median wall time of one training step (loss, backward, AdamW) at the preset's batch."""
-    task_cls, cfg = load_config("digits-text", overrides)
-    task = task_cls(cfg, torch.device("cpu"), progress=False)
-    model = task.build_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    for step in range(reps + 1):
-        t0 = time.perf_counter()
-        loss = task.loss(model, step, task.batch(step), 0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[reps // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,16 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     for arch in args.archs:
         ov = {**common, **arch_overrides(arch)}
         run_dir = out / arch.replace(":", "-")
-        t0 = time.perf_counter()
-        train(run_dir, ov)
-        trained_s = time.perf_counter() - t0
+        trained_s = train_preset("digits-text", run_dir, ov)
         run = load_run(run_dir, device="cpu")
         row = {"arch": arch, "parameters": sum(q.numel() for q in run.model.parameters()),
                "train_seconds": round(trained_s, 1)}
         for w in args.cfgs:
             r = score(run, {"cfg": w, "sampler": args.solver, "steps": args.steps})
             row[f"accuracy_cfg{w:g}"], row[f"frechet_cfg{w:g}"] = r["conditional_accuracy"], r["frechet_distance"]
-        row["step_seconds"] = step_seconds(ov, args.reps)
+        row["step_seconds"] = train_step_seconds("digits-text", ov, args.reps)
         rows.append(row)
         print(row, flush=True)
     base = rows[0]["step_seconds"]
