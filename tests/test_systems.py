@@ -89,3 +89,38 @@ def test_every_system_checks_placement_and_caption_length_at_the_boundary(arch):
     else:
         with pytest.raises(ValueError, match=r"context must have shape \(B, L, 16\) with B = 2 and L >= 1"):
             model(x, t, **empty)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(4, 3)
+        self.b.weight = self.a.weight
+        self.register_buffer("table", torch.arange(6, dtype=torch.float32).reshape(2, 3) / 7)
+        self.register_buffer("index", torch.arange(3))
+
+
+def test_build_empty_makes_uninitialised_parameters_in_the_target_dtype_and_keeps_buffers_and_ties():
+    from adaln.models._layout import build_empty
+
+    like = torch.empty(0, dtype=torch.bfloat16)
+    built = build_empty(_Tied, like)
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" and p.requires_grad for p in built.parameters())
+    assert built.b.weight is built.a.weight and len(list(built.parameters())) == 3
+    assert torch.equal(built.table, _Tied().table.to(torch.bfloat16)) and built.index.dtype == torch.long
+    assert nn.Module.register_parameter is _Tied.register_parameter  # the patch is gone
+    assert all(p.device.type == "cpu" for p in _Tied().parameters())
+
+
+def test_from_diffusers_in_bfloat16_holds_exactly_their_weights():
+    theirs = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                   num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    for p in theirs.parameters():
+        nn.init.normal_(p, std=0.05)
+    in_fp32 = from_diffusers(theirs)
+    ours = from_diffusers(theirs.to(torch.bfloat16))
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16} and not ours.training
+    sd, ref = ours.state_dict(), in_fp32.state_dict()
+    for key in ref:
+        assert torch.equal(sd[key], ref[key].to(torch.bfloat16)), key

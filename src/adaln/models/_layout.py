@@ -2,17 +2,19 @@
 
 Every converter checks a foreign state dict against the keys and shapes it expects before anything loads,
 and reports every problem at once: one ``ValueError`` listing the missing, unexpected and mis-shaped keys.
-A layout given as a table of ``Row``s (Lumina 2, Z-Image) converts both ways with ``export_layout`` and
-``import_layout``.
+``build_empty`` builds the model a converter is about to fill without initialising (or even allocating in
+float32) the parameters it will overwrite. A layout given as a table of ``Row``s (Lumina 2, Z-Image)
+converts both ways with ``export_layout`` and ``import_layout``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def check_state_dict(sd: object) -> None:
@@ -90,3 +92,41 @@ def export_layout(sd: Mapping[str, Tensor], rows: list[Row], source: str) -> dic
 def import_layout(sd: Mapping[str, Tensor], rows: list[Row]) -> dict[str, Tensor]:
     """The rows' layout -> our state dict (keys and shapes already checked by ``check_layout``)."""
     return {ours: sd[theirs[0]] if len(theirs) == 1 else torch.cat([sd[k] for k in theirs]) for ours, theirs, _ in rows}
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Inside: every parameter a module registers lands on the meta device (no memory, and the init that
+    follows is a no-op); buffers are built as usual. Not thread-safe (it patches ``nn.Module``)."""
+    register = nn.Module.register_parameter
+
+    def to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = to_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def build_empty(factory: Callable[[], nn.Module], like: Tensor) -> nn.Module:
+    """``factory()`` with uninitialised parameters in ``like``'s dtype on its device, for a converter that
+    loads every parameter next (strictly). Buffers are computed as usual (float32, as ``factory`` makes
+    them) and then cast and moved like the parameters, so a model converted in bfloat16 never holds a
+    float32 copy of its weights and skips their random init; a parameter shared by two modules stays shared.
+    """
+    with _parameters_on_meta():
+        model = factory()
+    model.to(like.dtype)  # floating buffers are cast; the meta parameters change dtype for free
+    empty: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                if id(param) not in empty:
+                    data = torch.empty_like(param, device=like.device)
+                    empty[id(param)] = nn.Parameter(data, requires_grad=param.requires_grad)
+                module._parameters[name] = empty[id(param)]
+    return model.to(like.device)

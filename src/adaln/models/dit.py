@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from adaln.checks import check_values
 from adaln.diffusion import EDMPrecond, VPEpsDenoiser
-from adaln.models._layout import check_layout, check_state_dict
+from adaln.models._layout import build_empty, check_layout, check_state_dict
 from adaln.nn.adaln import AdaLNZero
 from adaln.nn.blocks import AdaLNZeroResidualBlock, DiTBlock, FinalLayer
 from adaln.nn.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
@@ -323,12 +323,12 @@ class DiT(DiTBase):
         """
         config = dict(model.config)
         weight = next(model.parameters())
-        ours = cls(**dit_kwargs_from_diffusers(config)).to(weight.dtype)
+        ours = build_empty(lambda: cls(**dit_kwargs_from_diffusers(config)), weight)
         converted = convert_from_diffusers(model.state_dict(), config=config)
         converted["pos_embed"] = ours.pos_embed
         _check_state_dict(ours, converted, "diffusers DiTTransformer2DModel")
         ours.load_state_dict(converted)
-        return ours.to(weight.device).train(model.training)
+        return ours.train(model.training)
 
     def diffusers_config(self) -> dict[str, object]:
         """Keyword arguments for diffusers' ``DiTTransformer2DModel`` of this size (``to_diffusers_state_dict``).

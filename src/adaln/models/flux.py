@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from adaln.checks import check_int, compute_dtype
 from adaln.models._inputs import check_features, check_latents, check_per_sample, check_placement, check_token_mask
-from adaln.models._layout import check_layout, check_state_dict
+from adaln.models._layout import build_empty, check_layout, check_state_dict
 from adaln.models.conditioning import VectorEmbedder
 from adaln.nn.adaln import (
     AdaLNContinuous,
@@ -495,9 +495,9 @@ def from_diffusers(model: nn.Module) -> Flux:
     if "FluxTransformer2DModel" not in {cls.__name__ for cls in type(model).__mro__}:
         raise TypeError(f"from_diffusers expects a diffusers FluxTransformer2DModel, got {type(model).__name__}")
     weight = next(model.parameters())
-    ours = Flux(**flux_kwargs_from_diffusers(dict(model.config))).to(weight.dtype)
+    ours = build_empty(lambda: Flux(**flux_kwargs_from_diffusers(dict(model.config))), weight)
     ours.load_diffusers_state_dict(model.state_dict())
-    return ours.to(weight.device).train(model.training)
+    return ours.train(model.training)
 
 
 # A table row: (kind, our key prefix, their key prefixes, (our suffix, their suffix) pairs). Kinds:

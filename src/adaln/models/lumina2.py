@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adaln.checks import check_int
-from adaln.models._layout import Row, check_layout, export_layout, import_layout, linear_rows, rename_key
+from adaln.models._layout import Row, build_empty, check_layout, export_layout, import_layout, linear_rows, rename_key
 from adaln.models._next_dit import (
     caption_ids,
     cat_freqs,
@@ -522,6 +522,6 @@ def from_diffusers(model: nn.Module) -> Lumina2:
     if "Lumina2Transformer2DModel" not in {cls.__name__ for cls in type(model).__mro__}:
         raise TypeError(f"from_diffusers expects a diffusers Lumina2Transformer2DModel, got {type(model).__name__}")
     weight = next(model.parameters())
-    ours = Lumina2(**lumina2_kwargs_from_diffusers(dict(model.config))).to(weight.dtype)
+    ours = build_empty(lambda: Lumina2(**lumina2_kwargs_from_diffusers(dict(model.config))), weight)
     ours.load_diffusers_state_dict(model.state_dict())
-    return ours.to(weight.device).train(model.training)
+    return ours.train(model.training)

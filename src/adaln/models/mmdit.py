@@ -54,7 +54,7 @@ from adaln.models._inputs import (
     check_placement,
     check_unused,
 )
-from adaln.models._layout import check_layout
+from adaln.models._layout import build_empty, check_layout
 from adaln.models.conditioning import VectorEmbedder
 from adaln.nn.adaln import (
     AdaLNContinuous,
@@ -496,9 +496,9 @@ def from_diffusers(model: nn.Module) -> MMDiT:
     if "SD3Transformer2DModel" not in {cls.__name__ for cls in type(model).__mro__}:
         raise TypeError(f"from_diffusers expects a diffusers SD3Transformer2DModel, got {type(model).__name__}")
     weight = next(model.parameters())
-    ours = MMDiT(**mmdit_kwargs_from_diffusers(dict(model.config))).to(weight.dtype)
+    ours = build_empty(lambda: MMDiT(**mmdit_kwargs_from_diffusers(dict(model.config))), weight)
     ours.load_diffusers_state_dict(model.state_dict())
-    return ours.to(weight.device).train(model.training)
+    return ours.train(model.training)
 
 
 class _Structure:

@@ -48,7 +48,7 @@ from adaln.models._inputs import (
     check_token_mask,
     check_unused,
 )
-from adaln.models._layout import check_layout, check_state_dict, rename_key
+from adaln.models._layout import build_empty, check_layout, check_state_dict, rename_key
 from adaln.nn.adaln import AdaLNSingle, AdaLNSingleTable
 from adaln.nn.attention import Attention, CrossAttention
 from adaln.nn.embeddings import PatchEmbed, TimestepEmbedder
@@ -635,12 +635,12 @@ def from_diffusers(model: nn.Module) -> PixArt:
     """
     config = dict(model.config)
     weight = next(model.parameters())
-    ours = PixArt(**pixart_kwargs_from_diffusers(config)).to(weight.dtype)
+    ours = build_empty(lambda: PixArt(**pixart_kwargs_from_diffusers(config)), weight)
     theirs = model.state_dict()
     expected = ours.to_diffusers_state_dict()
     check_layout(theirs, expected, "diffusers PixArtTransformer2DModel", target="this PixArt")
     ours.load_state_dict(convert_from_diffusers(theirs))
-    return ours.to(weight.device).train(model.training)
+    return ours.train(model.training)
 
 
 #################################################################################

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaln.models._layout import Row, check_layout, export_layout, import_layout, linear_rows
+from adaln.models._layout import Row, build_empty, check_layout, export_layout, import_layout, linear_rows
 from adaln.models._next_dit import (
     caption_ids,
     cat_freqs,
@@ -362,6 +362,6 @@ def from_diffusers(model: nn.Module) -> ZImage:
     if "ZImageTransformer2DModel" not in {cls.__name__ for cls in type(model).__mro__}:
         raise TypeError(f"from_diffusers expects a diffusers ZImageTransformer2DModel, got {type(model).__name__}")
     weight = next(model.parameters())
-    ours = ZImage(**zimage_kwargs_from_diffusers(dict(model.config))).to(weight.dtype)
+    ours = build_empty(lambda: ZImage(**zimage_kwargs_from_diffusers(dict(model.config))), weight)
     ours.load_diffusers_state_dict(model.state_dict())
-    return ours.to(weight.device).train(model.training)
+    return ours.train(model.training)
