@@ -14,6 +14,7 @@ from adaln.models.mmdit import (
     convert_sd3_state_dict,
     from_diffusers,
     mmdit_kwargs_from_diffusers,
+    mmdit_kwargs_from_sd3_state_dict,
     sd3_pos_embed,
 )
 
@@ -178,6 +179,25 @@ def test_sd3_layout_round_trip_exact(variant):
     fresh = MMDiT(**mmdit_kwargs_from_diffusers(dm.config))
     fresh.load_sd3_state_dict(sd3)
     assert all(torch.equal(v, mine[k]) for k, v in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sizes_read_from_an_original_sd3_state_dict_build_a_model_equal_to_diffusers(variant):
+    dm = _random_sd3(variant)
+    sd3 = {f"model.diffusion_model.{k}": v for k, v in from_diffusers(dm).to_sd3_state_dict().items()}
+    head_dim = None if VARIANTS[variant].get("qk_norm") else 8  # read from the q-norm where there is one
+    kwargs = mmdit_kwargs_from_sd3_state_dict(sd3, sample_size=BASE["sample_size"], head_dim=head_dim)
+    assert kwargs == mmdit_kwargs_from_diffusers(dm.config)
+    ours = MMDiT(**kwargs).eval()
+    ours.load_sd3_state_dict(sd3)
+    x, t, context, pooled = _inputs()
+    with torch.no_grad():
+        assert _rel_err(ours(x, t, context=context, pooled=pooled), _theirs(dm, x, t, context, pooled)) <= 1e-5
+    if head_dim:
+        with pytest.raises(ValueError, match="hidden width 16 is not a multiple of the head width 64"):
+            mmdit_kwargs_from_sd3_state_dict(sd3)
+    with pytest.raises(ValueError, match=r"cannot read MMDiT sizes from the state dict: missing \['pos_embed'\]"):
+        mmdit_kwargs_from_sd3_state_dict({k: v for k, v in sd3.items() if not k.endswith("pos_embed")})
 
 
 def test_layout_errors_name_the_key():

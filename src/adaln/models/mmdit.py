@@ -75,6 +75,7 @@ __all__ = [
     "from_diffusers",
     "joint_attention",
     "mmdit_kwargs_from_diffusers",
+    "mmdit_kwargs_from_sd3_state_dict",
     "sd3_pos_embed",
 ]
 
@@ -680,16 +681,9 @@ def _strip_prefix(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k[len(_SD3_PREFIX):] if k.startswith(_SD3_PREFIX) else k: v for k, v in sd.items()}
 
 
-def convert_sd3_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Stability's original SD3 / SD3.5 MMDiT state dict -> ours (keys of ``mmditx.py`` ``MMDiTX``).
-
-    The structure is read from the keys: depth from ``joint_blocks.N``, dual-attention blocks from
-    ``x_block.attn2.qkv``, the qk norm from ``attn.ln_q`` (weight only: RMSNorm, with bias: LayerNorm).
-    Only MMDiT keys are read after an optional ``model.diffusion_model.`` prefix; text encoders or VAE
-    weights of a full checkpoint must be left out. A missing or unexpected key is a ``ValueError``
-    naming it. Load the result with ``MMDiT.load_state_dict`` (or use ``MMDiT.load_sd3_state_dict``).
-    """
-    sd = _strip_prefix(state_dict)
+def _sd3_structure(sd: Mapping[str, Tensor]) -> _Structure:
+    """Depth from ``joint_blocks.N``, dual-attention blocks from ``x_block.attn2.qkv``, the qk norm from
+    ``attn.ln_q`` (weight only: RMSNorm, with bias: LayerNorm) of an original SD3 state dict."""
     blocks = {int(m.group(1)) for k in sd if (m := re.match(r"joint_blocks\.(\d+)\.", k))}
     if not blocks or blocks != set(range(len(blocks))):
         raise ValueError(f"joint_blocks indices must run 0..N-1 (N >= 1), got {sorted(blocks)}")
@@ -697,7 +691,72 @@ def convert_sd3_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor
     qk_norm = None
     if "joint_blocks.0.x_block.attn.ln_q.weight" in sd:
         qk_norm = "layer" if "joint_blocks.0.x_block.attn.ln_q.bias" in sd else "rms"
-    table = _sd3_table(_Structure(len(blocks), dual, qk_norm))
+    return _Structure(len(blocks), dual, qk_norm)
+
+
+SD3_HEAD_DIM = 64  # mmditx.py: hidden_size = 64 * depth with depth heads; SD3.5's q/k norms are 64 wide too
+
+
+def mmdit_kwargs_from_sd3_state_dict(
+    state_dict: Mapping[str, Tensor], *, sample_size: int = 128, head_dim: int | None = None
+) -> dict[str, Any]:
+    """``MMDiT`` keyword arguments that fit Stability's original SD3 / SD3.5 state dict (sizes from its shapes).
+
+    Depth, dual-attention blocks and qk norm as ``convert_sd3_state_dict`` reads them; hidden width, input
+    channels and patch size from ``x_embedder.proj.weight`` (D, C, p, p); the position table's side M from
+    ``pos_embed`` (1, M * M, D); context and pooled widths from ``context_embedder`` and ``y_embedder.mlp.0``;
+    output channels from ``final_layer.linear``. Heads: ``D / head width``, the head width read from
+    ``attn.ln_q`` where there is a qk norm, else ``head_dim`` (default mmditx's 64; SD3's fused qkv does not
+    store it). ``sample_size`` (the latent side of the
+    training resolution: 128 for SD3 / SD3.5 at 1024 px) is not stored; it only scales a position table
+    that the loaded ``pos_embed`` replaces, and travels with ``diffusers_config``.
+    """
+    sd = _strip_prefix(state_dict)
+    s = _sd3_structure(sd)
+    anchors = ["x_embedder.proj.weight", "pos_embed", "context_embedder.weight", "y_embedder.mlp.0.weight",
+               "final_layer.linear.weight", "joint_blocks.0.x_block.mlp.fc1.weight"]  # fmt: skip
+    missing = [k for k in anchors if not isinstance(sd.get(k), Tensor)]
+    if missing:
+        raise ValueError(f"cannot read MMDiT sizes from the state dict: missing {missing}")
+    hidden, channels, p, _ = sd["x_embedder.proj.weight"].shape
+    table = sd["pos_embed"].shape[1]
+    side = round(table**0.5)
+    if side * side != table:
+        raise ValueError(f"pos_embed must hold a square M x M table, got {table} positions")
+    head = sd["joint_blocks.0.x_block.attn.ln_q.weight"].shape[0] if s.qk_norm else head_dim or SD3_HEAD_DIM
+    if hidden % head:
+        raise ValueError(f"hidden width {hidden} is not a multiple of the head width {head}")
+    mlp = sd["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0]
+    if mlp != MLP_RATIO * hidden:
+        raise ValueError(f"MMDiT's MLP is {MLP_RATIO} x hidden = {MLP_RATIO * hidden} wide; this state dict's is {mlp}")
+    return dict(
+        sample_size=sample_size,
+        patch_size=p,
+        in_channels=channels,
+        out_channels=sd["final_layer.linear.weight"].shape[0] // (p * p),
+        hidden_size=hidden,
+        depth=s.depth,
+        num_heads=hidden // head,
+        context_dim=sd["context_embedder.weight"].shape[1],
+        pooled_dim=sd["y_embedder.mlp.0.weight"].shape[1],
+        pos_embed_max_size=side,
+        qk_norm=s.qk_norm,
+        dual_attention_layers=tuple(sorted(s.dual)),
+    )
+
+
+def convert_sd3_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Stability's original SD3 / SD3.5 MMDiT state dict -> ours (keys of ``mmditx.py`` ``MMDiTX``).
+
+    The structure is read from the keys: depth from ``joint_blocks.N``, dual-attention blocks from
+    ``x_block.attn2.qkv``, the qk norm from ``attn.ln_q`` (weight only: RMSNorm, with bias: LayerNorm).
+    Only MMDiT keys are read after an optional ``model.diffusion_model.`` prefix; text encoders or VAE
+    weights of a full checkpoint must be left out. A missing or unexpected key is a ``ValueError``
+    naming it. Load the result with ``MMDiT.load_state_dict`` (or use ``MMDiT.load_sd3_state_dict``;
+    ``mmdit_kwargs_from_sd3_state_dict`` sizes a model for it).
+    """
+    sd = _strip_prefix(state_dict)
+    table = _sd3_table(_sd3_structure(sd))
     expected = [_key(name, suffix) for _, _, theirs, suffixes in table for name in theirs for suffix in suffixes]
     missing = [k for k in expected if k not in sd]
     unexpected = sorted(set(sd) - set(expected))
