@@ -15,6 +15,7 @@ from adaln.models.lumina2 import (
     convert_lumina2_state_dict,
     from_diffusers,
     lumina2_kwargs_from_diffusers,
+    lumina2_kwargs_from_lumina2_state_dict,
     lumina_ffn_dim,
 )
 
@@ -212,6 +213,26 @@ def test_lumina2_layout_round_trip_exact():
     fresh = Lumina2(**lumina2_kwargs_from_diffusers(dm.config))
     fresh.load_lumina2_state_dict(original)
     assert all(torch.equal(v, mine[k]) for k, v in fresh.state_dict().items())
+
+
+def test_sizes_read_from_a_nextdit_state_dict_build_a_model_equal_to_diffusers():
+    dm = _random_lumina2()
+    original = {f"model.diffusion_model.{k}": v for k, v in from_diffusers(dm).to_lumina2_state_dict().items()}
+    kwargs = lumina2_kwargs_from_lumina2_state_dict(original, multiple_of=16, ffn_dim_multiplier=0.7,
+                                                    axes_dim=(2, 2, 4), sample_size=8)  # fmt: skip
+    expected = lumina2_kwargs_from_diffusers(dm.config)
+    assert kwargs == {k: v for k, v in expected.items() if k in kwargs}
+    assert set(expected) - set(kwargs) == {"norm_eps", "axes_lens"}  # not stored; Lumina2's defaults fit
+    ours = Lumina2(**kwargs, axes_lens=expected["axes_lens"]).eval()
+    ours.load_lumina2_state_dict(original)
+    x, t, context = _inputs()
+    mask = torch.tensor(MASKS["different_lengths"], dtype=torch.bool)
+    with torch.no_grad():
+        assert _rel_err(ours(x, t, context=context, context_mask=mask), _theirs(dm, x, t, context, mask)) <= 1e-5
+    with pytest.raises(ValueError, match="SwiGLU is 96 wide, but multiple_of=256 and ffn_dim_multiplier=None give 256"):
+        lumina2_kwargs_from_lumina2_state_dict(original, axes_dim=(2, 2, 4))
+    with pytest.raises(ValueError, match="heads of width 8 do not split into three equal even RoPE axes"):
+        lumina2_kwargs_from_lumina2_state_dict(original, multiple_of=16, ffn_dim_multiplier=0.7)
 
 
 def test_layout_errors_name_the_key():

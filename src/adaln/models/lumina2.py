@@ -83,6 +83,7 @@ __all__ = [
     "convert_lumina2_state_dict",
     "from_diffusers",
     "lumina2_kwargs_from_diffusers",
+    "lumina2_kwargs_from_lumina2_state_dict",
     "lumina_ffn_dim",
     "patchify",
     "unpatchify",
@@ -476,6 +477,78 @@ def convert_lumina2_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Te
     if unknown:
         raise ValueError(f"keys not in a Lumina-Image-2.0 NextDiT state dict: {unknown}")
     return {rename_key(k, _LUMINA2_TO_OURS): v for k, v in sd.items()}
+
+
+def _count(sd: Mapping[str, Tensor], prefix: str) -> int:
+    found = {int(m.group(1)) for k in sd if (m := re.match(rf"{prefix}\.(\d+)\.", k))}
+    if found != set(range(len(found))):
+        raise ValueError(f"{prefix} indices must run 0..N-1, got {sorted(found)}")
+    return len(found)
+
+
+def lumina2_kwargs_from_lumina2_state_dict(
+    state_dict: Mapping[str, Tensor],
+    *,
+    patch_size: int = 2,
+    multiple_of: int = 256,
+    ffn_dim_multiplier: float | None = None,
+    axes_dim: Sequence[int] | None = None,
+    sample_size: int = 128,
+) -> dict[str, Any]:
+    """``Lumina2`` keyword arguments that fit a Lumina-Image-2.0 ``NextDiT`` state dict (sizes from its shapes).
+
+    Read: the width and channels from ``x_embedder`` (D, p * p * C), depth and refiner counts from the block
+    indices, the head width from ``attention.q_norm`` (so the head count) and the key/value heads from the
+    fused ``attention.qkv`` rows, the caption width from ``cap_embedder.1``, output channels from
+    ``final_layer.linear``. Not stored, so given (defaults: Lumina-Image-2.0's): ``patch_size``,
+    ``multiple_of`` and ``ffn_dim_multiplier`` (checked against the stored SwiGLU width), ``axes_dim``
+    (None: the head split in three equal even parts, Lumina 2's (32, 32, 32) for heads of 96) and
+    ``sample_size``.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    sd = {k.removeprefix(_LUMINA2_PREFIX): v for k, v in state_dict.items()}
+    anchors = ["x_embedder.weight", "cap_embedder.1.weight", "final_layer.linear.weight",
+               "layers.0.attention.q_norm.weight", "layers.0.attention.qkv.weight", "layers.0.feed_forward.w1.weight"]
+    missing = [k for k in anchors if not isinstance(sd.get(k), Tensor)]
+    if missing:
+        raise ValueError(f"cannot read Lumina 2 sizes from the state dict: missing {missing}")
+    hidden, patch_features = sd["x_embedder.weight"].shape
+    p2 = patch_size * patch_size
+    if patch_features % p2:
+        raise ValueError(f"x_embedder's {patch_features} input features are not patch_size**2 = {p2} x channels")
+    head = sd["layers.0.attention.q_norm.weight"].shape[0]
+    heads = hidden // head
+    kv = (sd["layers.0.attention.qkv.weight"].shape[0] // head - heads) // 2
+    ffn = sd["layers.0.feed_forward.w1.weight"].shape[0]
+    if ffn != lumina_ffn_dim(hidden, multiple_of, ffn_dim_multiplier):
+        raise ValueError(
+            f"the state dict's SwiGLU is {ffn} wide, but multiple_of={multiple_of} and ffn_dim_multiplier="
+            f"{ffn_dim_multiplier} give {lumina_ffn_dim(hidden, multiple_of, ffn_dim_multiplier)}: pass the "
+            "values the checkpoint was trained with"
+        )
+    if axes_dim is None:
+        if head % 6:
+            raise ValueError(f"heads of width {head} do not split into three equal even RoPE axes: pass axes_dim")
+        axes_dim = (head // 3,) * 3
+    refiners = _count(sd, "noise_refiner")
+    if _count(sd, "context_refiner") != refiners:
+        raise ValueError("noise_refiner and context_refiner must have the same number of blocks")
+    return dict(
+        sample_size=sample_size,
+        patch_size=patch_size,
+        in_channels=patch_features // p2,
+        out_channels=sd["final_layer.linear.weight"].shape[0] // p2,
+        hidden_size=hidden,
+        depth=_count(sd, "layers"),
+        num_refiner_layers=refiners,
+        num_heads=heads,
+        num_kv_heads=kv,
+        context_dim=sd["cap_embedder.1.weight"].shape[1],
+        multiple_of=multiple_of,
+        ffn_dim_multiplier=ffn_dim_multiplier,
+        axes_dim=tuple(axes_dim),
+    )
 
 
 # Lumina2Transformer2DModel.__init__'s defaults (diffusers models/transformers/transformer_lumina2.py).
