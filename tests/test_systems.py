@@ -16,11 +16,16 @@ def test_dispatch_reaches_the_module_of_each_class():
         assert callable(importlib.import_module(module).from_diffusers), name
 
 
-def test_dit_through_the_door_reproduces_diffusers():
+def _random_dit() -> DiTTransformer2DModel:
     theirs = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
                                    num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
     for p in theirs.parameters():
         nn.init.normal_(p, std=0.05)
+    return theirs
+
+
+def test_dit_through_the_door_reproduces_diffusers():
+    theirs = _random_dit()
     ours = from_diffusers(theirs)
     assert isinstance(ours, DiT)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.tensor([1, 9])
@@ -114,10 +119,7 @@ def test_build_empty_makes_uninitialised_parameters_in_the_target_dtype_and_keep
 
 
 def test_from_diffusers_in_bfloat16_holds_exactly_their_weights():
-    theirs = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                                   num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
-    for p in theirs.parameters():
-        nn.init.normal_(p, std=0.05)
+    theirs = _random_dit()
     in_fp32 = from_diffusers(theirs)
     ours = from_diffusers(theirs.to(torch.bfloat16))
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16} and not ours.training
