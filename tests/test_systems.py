@@ -126,3 +126,14 @@ def test_from_diffusers_in_bfloat16_holds_exactly_their_weights():
     sd, ref = ours.state_dict(), in_fp32.state_dict()
     for key in ref:
         assert torch.equal(sd[key], ref[key].to(torch.bfloat16)), key
+
+
+def test_block_count_reads_contiguous_indices_only():
+    from adaln.models._layout import block_count
+
+    sd = {"layers.0.w": 0, "layers.1.w": 0, "layers.1.b": 0, "layers_extra.5.w": 0, "head.w": 0}
+    assert block_count(sd, "layers") == 2 and block_count(sd, "refiner") == 0
+    with pytest.raises(ValueError, match=r"refiner indices must run 0..N-1 \(N >= 1\), got \[\]"):
+        block_count(sd, "refiner", minimum=1)
+    with pytest.raises(ValueError, match=r"layers indices must run 0..N-1, got \[0, 2\]"):
+        block_count({"layers.0.w": 0, "layers.2.w": 0}, "layers")

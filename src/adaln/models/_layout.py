@@ -65,6 +65,16 @@ def rename_key(key: str, rules: tuple[tuple[str, str], ...]) -> str:
     return key
 
 
+
+def block_count(sd: Mapping[str, object], prefix: str, *, minimum: int = 0) -> int:
+    """How many blocks ``prefix.N.*`` the keys of ``sd`` name; ``ValueError`` unless the indices run
+    0..N-1 with N >= ``minimum``."""
+    found = {int(m.group(1)) for k in sd if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
+    if len(found) < minimum or found != set(range(len(found))):
+        at_least = f" (N >= {minimum})" if minimum else ""
+        raise ValueError(f"{prefix} indices must run 0..N-1{at_least}, got {sorted(found)}")
+    return len(found)
+
 # A row: (our key, their key(s), split sizes). Several keys: our tensor is theirs concatenated along dim 0
 # with those sizes (a fused qkv <-> to_q / to_k / to_v).
 Row = tuple[str, tuple[str, ...], tuple[int, ...]]

@@ -42,7 +42,6 @@ the names diffusers' ``single_file_utils.py`` ``convert_flux_transformer_checkpo
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,7 +51,7 @@ from torch import Tensor, nn
 
 from adaln.checks import check_int, compute_dtype
 from adaln.models._inputs import check_features, check_latents, check_per_sample, check_placement, check_token_mask
-from adaln.models._layout import build_empty, check_layout, check_state_dict
+from adaln.models._layout import block_count, build_empty, check_layout, check_state_dict
 from adaln.models.conditioning import VectorEmbedder
 from adaln.nn.adaln import (
     AdaLNContinuous,
@@ -652,15 +651,8 @@ def _strip_prefix(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k.removeprefix(_BFL_PREFIX): v for k, v in sd.items()}
 
 
-def _block_count(sd: Mapping[str, Tensor], prefix: str) -> int:
-    found = {int(m.group(1)) for k in sd if (m := re.match(rf"{prefix}\.(\d+)\.", k))}
-    if found != set(range(len(found))):
-        raise ValueError(f"{prefix} indices must run 0..N-1, got {sorted(found)}")
-    return len(found)
-
-
 def _bfl_structure(sd: Mapping[str, Tensor]) -> tuple[int, int, bool]:
-    return _block_count(sd, "double_blocks"), _block_count(sd, "single_blocks"), "guidance_in.in_layer.weight" in sd
+    return block_count(sd, "double_blocks"), block_count(sd, "single_blocks"), "guidance_in.in_layer.weight" in sd
 
 
 def flux_kwargs_from_flux_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:

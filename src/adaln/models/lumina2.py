@@ -58,7 +58,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adaln.checks import check_int
-from adaln.models._layout import Row, build_empty, check_layout, export_layout, import_layout, linear_rows, rename_key
+from adaln.models._layout import (
+    Row,
+    block_count,
+    build_empty,
+    check_layout,
+    export_layout,
+    import_layout,
+    linear_rows,
+    rename_key,
+)
 from adaln.models._next_dit import (
     caption_ids,
     cat_freqs,
@@ -460,6 +469,13 @@ _LUMINA2_KEY = re.compile(
 )
 
 
+def _strip_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The state dict without an optional ``model.diffusion_model.`` prefix (``TypeError`` unless a mapping)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    return {k.removeprefix(_LUMINA2_PREFIX): v for k, v in state_dict.items()}
+
+
 def convert_lumina2_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Lumina-Image-2.0 ``NextDiT`` state dict (Alpha-VLLM/Lumina-Image-2.0 ``models/model.py``, the layout
     diffusers' ``single_file_utils.py`` ``convert_lumina2_to_diffusers`` reads) -> ours.
@@ -469,21 +485,12 @@ def convert_lumina2_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Te
     ``norm_final.weight`` (unused by ``NextDiT.forward``). Any other key is a ``ValueError`` naming it.
     Load the result with ``Lumina2.load_state_dict`` (or use ``Lumina2.load_lumina2_state_dict``).
     """
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
-    sd = {k.removeprefix(_LUMINA2_PREFIX): v for k, v in state_dict.items()}
+    sd = _strip_prefix(state_dict)
     sd.pop(_LUMINA2_UNUSED, None)
     unknown = sorted(k for k in sd if not _LUMINA2_KEY.match(k))
     if unknown:
         raise ValueError(f"keys not in a Lumina-Image-2.0 NextDiT state dict: {unknown}")
     return {rename_key(k, _LUMINA2_TO_OURS): v for k, v in sd.items()}
-
-
-def _count(sd: Mapping[str, Tensor], prefix: str) -> int:
-    found = {int(m.group(1)) for k in sd if (m := re.match(rf"{prefix}\.(\d+)\.", k))}
-    if found != set(range(len(found))):
-        raise ValueError(f"{prefix} indices must run 0..N-1, got {sorted(found)}")
-    return len(found)
 
 
 def lumina2_kwargs_from_lumina2_state_dict(
@@ -505,9 +512,7 @@ def lumina2_kwargs_from_lumina2_state_dict(
     (None: the head split in three equal even parts, Lumina 2's (32, 32, 32) for heads of 96) and
     ``sample_size``.
     """
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
-    sd = {k.removeprefix(_LUMINA2_PREFIX): v for k, v in state_dict.items()}
+    sd = _strip_prefix(state_dict)
     anchors = ["x_embedder.weight", "cap_embedder.1.weight", "final_layer.linear.weight",
                "layers.0.attention.q_norm.weight", "layers.0.attention.qkv.weight", "layers.0.feed_forward.w1.weight"]
     missing = [k for k in anchors if not isinstance(sd.get(k), Tensor)]
@@ -531,8 +536,8 @@ def lumina2_kwargs_from_lumina2_state_dict(
         if head % 6:
             raise ValueError(f"heads of width {head} do not split into three equal even RoPE axes: pass axes_dim")
         axes_dim = (head // 3,) * 3
-    refiners = _count(sd, "noise_refiner")
-    if _count(sd, "context_refiner") != refiners:
+    refiners = block_count(sd, "noise_refiner")
+    if block_count(sd, "context_refiner") != refiners:
         raise ValueError("noise_refiner and context_refiner must have the same number of blocks")
     return dict(
         sample_size=sample_size,
@@ -540,7 +545,7 @@ def lumina2_kwargs_from_lumina2_state_dict(
         in_channels=patch_features // p2,
         out_channels=sd["final_layer.linear.weight"].shape[0] // p2,
         hidden_size=hidden,
-        depth=_count(sd, "layers"),
+        depth=block_count(sd, "layers"),
         num_refiner_layers=refiners,
         num_heads=heads,
         num_kv_heads=kv,

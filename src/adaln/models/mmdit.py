@@ -38,7 +38,6 @@ attn.ln_q, attn.ln_k, attn2.*, mlp.fc1, mlp.fc2}``, ``x_embedder``, ``t_embedder
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -54,7 +53,7 @@ from adaln.models._inputs import (
     check_placement,
     check_unused,
 )
-from adaln.models._layout import build_empty, check_layout
+from adaln.models._layout import block_count, build_empty, check_layout
 from adaln.models.conditioning import VectorEmbedder
 from adaln.nn.adaln import (
     AdaLNContinuous,
@@ -684,14 +683,12 @@ def _strip_prefix(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def _sd3_structure(sd: Mapping[str, Tensor]) -> _Structure:
     """Depth from ``joint_blocks.N``, dual-attention blocks from ``x_block.attn2.qkv``, the qk norm from
     ``attn.ln_q`` (weight only: RMSNorm, with bias: LayerNorm) of an original SD3 state dict."""
-    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"joint_blocks\.(\d+)\.", k))}
-    if not blocks or blocks != set(range(len(blocks))):
-        raise ValueError(f"joint_blocks indices must run 0..N-1 (N >= 1), got {sorted(blocks)}")
-    dual = [i for i in sorted(blocks) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in sd]
+    depth = block_count(sd, "joint_blocks", minimum=1)
+    dual = [i for i in range(depth) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in sd]
     qk_norm = None
     if "joint_blocks.0.x_block.attn.ln_q.weight" in sd:
         qk_norm = "layer" if "joint_blocks.0.x_block.attn.ln_q.bias" in sd else "rms"
-    return _Structure(len(blocks), dual, qk_norm)
+    return _Structure(depth, dual, qk_norm)
 
 
 SD3_HEAD_DIM = 64  # mmditx.py: hidden_size = 64 * depth with depth heads; SD3.5's q/k norms are 64 wide too
