@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 
-from adaln.bench.training import train_preset, train_step_seconds
-from adaln.engine.config import parse_overrides
+from adaln.bench.training import add_run_arguments, run_overrides, train_preset, train_step_seconds
 from adaln.outputs import write_json, write_text
 from adaln.tasks import load_run
 from adaln.tasks.digits import DigitsTask
@@ -28,16 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/backbones")
     p.add_argument("--mixers", nargs="+", default=["attention", "hyena"], choices=["attention", "hyena"])
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of every run")
+    add_run_arguments(p, default_set=[], set_help="overrides of every run")
     p.add_argument("--cfgs", type=float, nargs="+", default=[1.0, 1.5])
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--reps", type=int, default=7, help="timed training steps per mixer")
-    p.add_argument("--threads", type=int, help="torch CPU threads for training and sampling (default torch's)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
-    common = {**parse_overrides(args.set), **({"threads": args.threads} if args.threads else {})}
+    common = run_overrides(args)
     rows = []
     for mixer in args.mixers:
         ov = {**common, "model.mixer": mixer}

@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 
-from adaln.bench.training import train_preset
+from adaln.bench.training import add_run_arguments, run_overrides, train_preset
 from adaln.engine.config import parse_overrides
 from adaln.outputs import write_json, write_text
 from adaln.tasks import load_run
@@ -35,17 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--cfgs", type=float, nargs="+", default=[1.0, 1.5])
     p.add_argument("--per-class", type=int, default=100)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of both runs")
+    add_run_arguments(p, default_set=[], set_help="overrides of both runs")
     p.add_argument("--flow-set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra overrides of the flow run, e.g. flow.shift=2")
     p.add_argument("--shifts", type=float, nargs="+", default=[1.0], help="flow sampling shifts to evaluate")
-    p.add_argument("--threads", type=int, help="torch CPU threads for training and sampling (default torch's)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
 
-    both = {**parse_overrides(args.set), **({"threads": args.threads} if args.threads else {})}
+    both = run_overrides(args)
     runs = {"edm": both, "flow": {**both, "objective": "flow", **parse_overrides(args.flow_set)}}
     seconds = {name: round(train_preset("digits", out / name, ov), 1) for name, ov in runs.items()}
     rows = []

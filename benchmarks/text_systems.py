@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 
-from adaln.bench.training import train_preset, train_step_seconds
-from adaln.engine.config import parse_overrides
+from adaln.bench.training import add_run_arguments, run_overrides, train_preset, train_step_seconds
 from adaln.outputs import write_json, write_text
 from adaln.tasks import load_run
 from adaln.tasks.text_digits import score
@@ -40,17 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/text_systems")
     p.add_argument("--archs", nargs="+",
                    default=["dit", "dit:pooled", "dit:tokens", "mmdit", "flux", "pixart", "lumina2", "zimage"])
-    p.add_argument("--set", nargs="*", default=["objective=flow"], metavar="KEY=VALUE")
+    add_run_arguments(p, default_set=["objective=flow"], set_help="overrides of every run")
     p.add_argument("--cfgs", type=float, nargs="+", default=[1.0, 1.5])
     p.add_argument("--solver", default="dpm++2m")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--reps", type=int, default=5, help="timed training steps per arch")
-    p.add_argument("--threads", type=int, help="torch CPU threads for training and sampling (default torch's)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
-    common = {**parse_overrides(args.set), **({"threads": args.threads} if args.threads else {})}
+    common = run_overrides(args)
     rows = []
     for arch in args.archs:
         ov = {**common, **arch_overrides(arch)}

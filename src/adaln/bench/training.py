@@ -1,9 +1,11 @@
 """Training-side helpers of the comparison benchmarks (``benchmarks/flow_vs_edm.py``, ``text_systems.py``,
-``backbones.py``): train a preset into a run directory unless it is finished, and time one training step.
+``backbones.py``): their shared ``--set`` / ``--threads`` arguments, training a preset into a run directory
+unless it is finished, and timing one training step.
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,22 @@ import torch
 
 from adaln.engine import fit
 from adaln.engine.checkpoint import list_checkpoints
+from adaln.engine.config import parse_overrides
 from adaln.tasks import load_config
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, default_set: list[str], set_help: str) -> None:
+    """``--set KEY=VALUE ...`` (config overrides of every run) and ``--threads N``."""
+    parser.add_argument("--set", nargs="*", default=default_set, metavar="KEY=VALUE", help=set_help)
+    parser.add_argument("--threads", type=int, help="torch CPU threads for training and sampling (default torch's)")
+
+
+def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The overrides ``add_run_arguments`` parsed; ``--threads`` also sets this process's torch threads (the
+    in-process scoring and timing) and travels to the runs as ``threads``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return {**parse_overrides(args.set), **({"threads": args.threads} if args.threads else {})}
 
 
 def train_preset(preset: str, run_dir: Path, overrides: dict[str, Any]) -> float:
